@@ -1,0 +1,82 @@
+"""T5 architecture hyper-parameters, for both families (v1.0 and v1.1 / LM-adapt / T0)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_heads: int = 8
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    # "relu" (T5 v1.0) or "gated-gelu" (T5 v1.1, LM-adapt, T0, Tk-Instruct).
+    feed_forward_proj: str = "gated-gelu"
+    # v1.0: input/output embedding tied and logits scaled by d_model**-0.5; v1.1: separate lm_head.
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"  # compute dtype, e.g. "bfloat16"
+    param_dtype: str = "float32"
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+
+    def __post_init__(self):
+        if self.feed_forward_proj not in ("relu", "gated-gelu"):
+            raise ValueError(
+                f"model.feed_forward_proj: {self.feed_forward_proj!r} is not supported "
+                "(expected 'relu' or 'gated-gelu')"
+            )
+        for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
+                      "num_decoder_layers"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"model.{field} must be positive, got {getattr(self, field)}")
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj == "gated-gelu"
+
+    @property
+    def inner_dim(self) -> int:
+        """num_heads * d_kv: the width of q/k/v (may differ from d_model)."""
+        return self.num_heads * self.d_kv
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **kwargs) -> "T5Config":
+        return dataclasses.replace(self, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "T5Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"model: unknown T5 config keys {unknown}")
+        return cls(**dict(d))
+
+
+def tiny_config(**overrides) -> T5Config:
+    """A few-thousand-parameter T5 v1.1 for tests."""
+    base = dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=2,
+                num_decoder_layers=2, relative_attention_num_buckets=8,
+                relative_attention_max_distance=20, dropout_rate=0.0)
+    base.update(overrides)
+    return T5Config(**base)

@@ -1,0 +1,183 @@
+"""The device mesh and the logical axis rules, and nothing else builds shardings.
+
+Every parameter is created with logical axis names (`nn.with_logical_partitioning`) and every large
+activation is constrained with `nn.with_logical_constraint`; this module maps those names onto a
+(`data`, `model`) mesh. T5X conventions: the batch is split over `data`; vocabulary, MLP, heads and
+joined key/value dimensions over `model`; with `fsdp=True` the `embed` dimension of parameters is
+also split over `data` (T5X's 2D parameter partitioning).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+MESH_AXES = (DATA_AXIS, MODEL_AXIS)
+
+# Logical name -> mesh axis (None = replicated). Shared by parameters and activations.
+_BASE_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", DATA_AXIS),
+    ("vocab", MODEL_AXIS),
+    ("mlp", MODEL_AXIS),
+    ("heads", MODEL_AXIS),
+    ("joined_kv", MODEL_AXIS),
+    ("kv", None),
+    ("length", None),
+    ("relpos_buckets", None),
+    ("layers", None),
+    ("lora_rank", None),
+    ("tasks", None),  # rows of the teacher-LoRA table
+    ("hyper_hidden", MODEL_AXIS),
+    ("adapter_embed", None),
+)
+
+
+def logical_axis_rules(fsdp: bool = False) -> tuple[tuple[str, Any], ...]:
+    """The rules for `nn.logical_axis_rules`; `fsdp` also splits parameters' `embed` over `data`."""
+    embed = ("embed", DATA_AXIS) if fsdp else ("embed", None)
+    return _BASE_RULES + (embed,)
+
+
+def create_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, model) mesh over `devices` (default: all); -1 means 'all remaining devices'."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if data == -1 and model == -1:
+        raise ValueError("mesh: at most one of mesh.data / mesh.model may be -1")
+    if data == -1:
+        data = n // model if model > 0 and n % model == 0 else -1
+    if model == -1:
+        model = n // data if data > 0 and n % data == 0 else -1
+    if data <= 0 or model <= 0 or data * model != n:
+        raise ValueError(
+            f"mesh: mesh.data={data} x mesh.model={model} does not match the {n} available devices"
+        )
+    grid = np.asarray(devices).reshape(data, model)
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_to_mesh_specs(logical_specs: Any, rules) -> Any:
+    """Tree of logical PartitionSpecs -> tree of mesh PartitionSpecs."""
+    return nn.logical_to_mesh(logical_specs, rules)
+
+
+def mesh_shardings(mesh: Mesh, mesh_specs: Any) -> Any:
+    """Tree of mesh PartitionSpecs -> tree of NamedShardings on `mesh`."""
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec),
+        mesh_specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def logical_shardings(mesh: Mesh, logical_specs: Any, rules) -> Any:
+    """Tree of logical PartitionSpecs -> tree of NamedShardings."""
+    return mesh_shardings(mesh, logical_to_mesh_specs(logical_specs, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) dimension split over `data`, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS, *([None] * (ndim - 1))))
+
+
+def batch_shardings(mesh: Mesh, batch: Any) -> Any:
+    """Shardings for a batch pytree: every array split over `data` on its first axis."""
+    return jax.tree.map(lambda x: data_sharding(mesh, np.ndim(x)), batch)
+
+
+def params_logical_specs(boxed_tree: Any) -> Any:
+    """Logical PartitionSpecs of a tree of (possibly abstract) `nn.LogicallyPartitioned` leaves.
+
+    Leaves without names get an empty spec (replicated); `check_all_named` finds them.
+    """
+    return nn.get_partition_spec(boxed_tree)
+
+
+def unnamed_parameters(boxed_tree: Any) -> list[str]:
+    """Paths of parameters created without logical axis names (should be empty)."""
+    missing = []
+
+    def visit(path, leaf):
+        if not isinstance(leaf, nn.LogicallyPartitioned):
+            missing.append(jax.tree_util.keystr(path))
+
+    jax.tree_util.tree_map_with_path(
+        visit, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+    )
+    return missing
+
+
+def sharded_init(
+    init_fn: Callable[..., Any],
+    mesh: Mesh,
+    rules,
+    *args,
+) -> tuple[Any, Any, Any]:
+    """Initialise directly into sharded arrays, never materialising a full copy on one device.
+
+    `init_fn(*args)` returns a tree of `nn.LogicallyPartitioned` boxes (a Flax `init`). We trace it
+    abstractly (`jax.eval_shape`), turn its logical names into shardings, then run it under `jax.jit`
+    with those `out_shardings`. Returns (unboxed params, mesh PartitionSpecs, logical PartitionSpecs).
+    """
+    abstract = jax.eval_shape(init_fn, *args)
+    logical = params_logical_specs(abstract)
+    mesh_specs = logical_to_mesh_specs(logical, rules)
+    shardings = mesh_shardings(mesh, mesh_specs)
+    with mesh, nn.logical_axis_rules(rules):
+        boxed = jax.jit(init_fn, out_shardings=shardings)(*args)
+    return nn.meta.unbox(boxed), mesh_specs, logical
+
+
+def abstract_with_shardings(init_fn: Callable[..., Any], mesh: Mesh, rules, *args) -> tuple[Any, Any]:
+    """(abstract unboxed params as ShapeDtypeStructs with shardings, mesh specs) — for restoring."""
+    abstract = jax.eval_shape(init_fn, *args)
+    mesh_specs = logical_to_mesh_specs(params_logical_specs(abstract), rules)
+    shardings = mesh_shardings(mesh, mesh_specs)
+    unboxed = nn.meta.unbox(abstract)
+    structs = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings
+    )
+    return structs, mesh_specs
+
+
+def model_info_lines(params: Any, mesh_specs: Any, prefix: str = "params") -> list[str]:
+    """One line per parameter: path, size, shape, dtype and partition spec (T5X's model-info)."""
+    flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_specs = jax.tree_util.tree_flatten(
+        mesh_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )[0]
+    if len(flat_params) != len(flat_specs):
+        raise ValueError("model info: parameter tree and partition-spec tree differ")
+    lines = []
+    total = 0
+    for (path, leaf), spec in zip(flat_params, flat_specs):
+        name = prefix + "/" + "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        size = math.prod(leaf.shape)
+        total += size
+        lines.append(
+            f"Variable {name:<80} size {size:<12} shape {tuple(leaf.shape)!s:<24} "
+            f"dtype {np.dtype(leaf.dtype).name:<9} partition spec {tuple(spec)}"
+        )
+    lines.append(f"Total number of parameters: {total}")
+    return lines
+
+
+def write_model_info(workdir: str, params: Any, mesh_specs: Any, filename: str = "model-info.txt") -> str:
+    """Write the model-info file into `workdir` (process 0 only) and return its path."""
+    path = os.path.join(workdir, filename)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path, "w") as f:
+            f.write("\n".join(model_info_lines(params, mesh_specs)) + "\n")
+    return path

@@ -1,0 +1,87 @@
+"""What every task registry shares: output features, sources from Python examples, registration.
+
+Every registered task produces the string features of `tagi_jax.features` (inputs, hyper_inputs,
+full_inputs, targets, task_name; evaluation splits also `references`). Tokenisation appends EOS; lengths
+and truncation are the feature converter's business, not the task's.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping, Sequence
+
+import seqio
+import tensorflow as tf
+
+from tagi_jax import features as F
+
+
+def output_features(vocabulary) -> dict[str, seqio.Feature]:
+    """The four text features, tokenised with `vocabulary`, EOS appended."""
+    return {
+        name: seqio.Feature(vocabulary=vocabulary, add_eos=True, dtype=tf.int32)
+        for name in F.TEXT_FEATURES
+    }
+
+
+def examples_to_dataset(examples: Sequence[Mapping[str, object]], with_references: bool) -> tf.data.Dataset:
+    """A list of example dicts (string features, optional `references` list) -> tf.data.Dataset."""
+    columns: dict[str, list] = {name: [] for name in F.STRING_FEATURES}
+    refs: list[list[str]] = []
+    for ex in examples:
+        for name in F.STRING_FEATURES:
+            columns[name].append(str(ex[name]))
+        if with_references:
+            r = list(ex.get(F.REFERENCES) or [ex[F.TARGETS]])
+            refs.append([str(x) for x in r])
+    tensors = {name: tf.constant(values, dtype=tf.string) for name, values in columns.items()}
+    if with_references:
+        tensors[F.REFERENCES] = tf.ragged.constant(refs, dtype=tf.string)
+        ds = tf.data.Dataset.from_tensor_slices(tensors)
+        return ds.map(lambda ex: {**ex, F.REFERENCES: ex[F.REFERENCES]})
+    if not examples:
+        return tf.data.Dataset.from_tensor_slices({n: tf.constant([], tf.string) for n in F.STRING_FEATURES})
+    return tf.data.Dataset.from_tensor_slices(tensors)
+
+
+def function_source(
+    examples_fn: Callable[[str], Sequence[Mapping[str, object]]],
+    splits: Iterable[str],
+    eval_splits: Iterable[str] = ("validation", "test"),
+) -> seqio.FunctionDataSource:
+    """A SeqIO source over in-memory examples; `examples_fn(split)` is only called when data is read."""
+    eval_splits = set(eval_splits)
+
+    def dataset_fn(split: str, shuffle_files: bool, seed=None) -> tf.data.Dataset:
+        del shuffle_files, seed
+        return examples_to_dataset(examples_fn(split), with_references=split in eval_splits)
+
+    return seqio.FunctionDataSource(dataset_fn=dataset_fn, splits=tuple(splits))
+
+
+def register_task(
+    name: str,
+    source: seqio.DataSource,
+    vocabulary,
+    preprocessors: Sequence[Callable] = (),
+    metric_fns: Sequence[Callable] = (),
+    postprocess_fn: Callable | None = None,
+) -> seqio.Task:
+    """Register (or re-register) a task whose examples already hold the string features."""
+    if name in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.remove(name)
+    return seqio.TaskRegistry.add(
+        name,
+        source=source,
+        preprocessors=list(preprocessors) + [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+        output_features=output_features(vocabulary),
+        postprocess_fn=postprocess_fn,
+        metric_fns=list(metric_fns),
+    )
+
+
+def register_mixture(name: str, task_names: Sequence[str], default_rate: float = 1.0) -> seqio.Mixture:
+    """Register (or re-register) a mixture of already-registered tasks (equal rates by default)."""
+    if not task_names:
+        raise ValueError(f"mixture {name!r}: no tasks")
+    if name in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.remove(name)
+    return seqio.MixtureRegistry.add(name, [(t, default_rate) for t in task_names])
