@@ -1,0 +1,191 @@
+"""Which SeqIO tasks a run reads, registered from the `config.data` section, and the batches each stage sees.
+
+`register_benchmark(config.data, workdir)` registers the instruction benchmark (the synthetic suite or
+Super-NaturalInstructions) and the hypernetwork-pretraining task, and returns a `DataInfo` naming the mixtures,
+the training task names (their index is the task id the teacher table is indexed by) and their categories.
+Nothing is registered at import time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterator, Mapping, Sequence
+
+from ml_collections import config_dict
+
+from tagi_jax import features as F
+from tagi_jax.config import ConfigError, require_choice, require_path
+
+BENCHMARKS = ("synthetic", "sni")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    vocabulary: object
+    train_mixture: str
+    eval_mixtures: Mapping[str, str]  # split label ("unseen", "seen") -> mixture name
+    pretrain_task: str
+    train_task_names: tuple[str, ...]  # index = task id
+    categories: Mapping[str, str]  # task name -> category
+
+    def teacher_keys(self, per: str) -> tuple[str, ...]:
+        """The rows of the teacher table: one per training task, or one per category."""
+        if per == "task":
+            return self.train_task_names
+        return tuple(sorted({self.categories.get(t, t) for t in self.train_task_names}))
+
+    def teacher_index(self, per: str) -> dict[str, int]:
+        """task name -> teacher row."""
+        keys = {k: i for i, k in enumerate(self.teacher_keys(per))}
+        if per == "task":
+            return keys
+        return {t: keys[self.categories.get(t, t)] for t in self.train_task_names}
+
+
+def task_lengths(data_cfg: config_dict.ConfigDict) -> dict[str, int]:
+    return {name: int(data_cfg.lengths[name]) for name in F.TEXT_FEATURES}
+
+
+def pretrain_lengths(data_cfg: config_dict.ConfigDict) -> dict[str, int]:
+    return {name: int(data_cfg.pretrain.lengths[name]) for name in F.TEXT_FEATURES}
+
+
+def _synthetic_corpus(suite_info: Mapping, path: str, seed: int, docs_per_task: int = 8) -> str:
+    """Plain-text documents written from the *training* tasks only (definitions and worked instances).
+
+    The demo has no C4: this gives the backbone and the hypernetwork something language-like to pretrain on
+    without ever showing an unseen task.
+    """
+    suite = suite_info["suite"]
+    train_names = set(suite_info["train_task_names"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for task in suite.train_tasks:
+            if task.name not in train_names:
+                continue
+            for d in range(docs_per_task):
+                lines = [task.definition]
+                for inst in task.instances("train", 4, seed=seed * 1000 + d):
+                    lines.append(f"Input: {inst['input']} Output: {inst['output'][0]}.")
+                f.write(json.dumps({"text": " ".join(lines)}) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def register_benchmark(data_cfg: config_dict.ConfigDict, workdir: str) -> DataInfo:
+    """Register the configured benchmark and pretraining task; validates paths with the key named."""
+    from tagi_jax.vocab import get_vocabulary
+    from tasks import pretrain
+
+    benchmark = require_choice(data_cfg, "benchmark", BENCHMARKS)
+    vocab_spec = data_cfg.vocabulary
+    if vocab_spec != "byte":
+        require_path(data_cfg, "vocabulary", kind="file")
+    vocabulary = get_vocabulary(vocab_spec)
+
+    if benchmark == "synthetic":
+        from tasks import synthetic
+
+        s = data_cfg.synthetic
+        info = synthetic.register_synthetic(
+            vocabulary,
+            seed=s.seed,
+            setting=data_cfg.setting,
+            num_train_tasks=s.num_train_tasks,
+            num_unseen_tasks=s.num_unseen_tasks,
+            train_instances_per_task=s.train_instances_per_task,
+            eval_instances_per_task=s.eval_instances_per_task,
+        )
+        train_mixture = info["mixtures"]["train"]
+        eval_mixtures = {"unseen": info["mixtures"]["unseen_eval"], "seen": info["mixtures"]["seen_eval"]}
+        train_names = tuple(info["train_task_names"])
+        categories = dict(info["categories"])
+        source = data_cfg.pretrain.source or _synthetic_corpus(
+            info, os.path.join(workdir, "data", "pretrain_corpus.jsonl"), seed=s.seed
+        )
+    else:
+        from tasks import sni
+
+        sni_dir = require_path(data_cfg, "sni.dir", kind="dir")
+        names = sni.register_sni(
+            sni_dir,
+            vocabulary,
+            setting=data_cfg.setting,
+            max_train_instances=data_cfg.sni.max_train_instances,
+            max_test_instances=data_cfg.sni.max_test_instances,
+            seed=data_cfg.sni.seed,
+            skip_bad_tasks=data_cfg.sni.skip_bad_tasks,
+            split_name=data_cfg.sni.split,
+        )
+        del names
+        train_mixture, eval_mixtures = "sni_train", {"unseen": "sni_test"}
+        train_names = tuple(sni.seqio_task_name(t) for t in sni.read_split(sni_dir, data_cfg.sni.split)["train"])
+        categories = sni.sni_task_categories(sni_dir, data_cfg.sni.split)
+        source = data_cfg.pretrain.source
+        if not source:
+            raise ConfigError("config key 'data.pretrain.source' is empty: name a text directory or 'tfds:c4/en'")
+    if not source.startswith("tfds:") and not os.path.exists(source):
+        raise ConfigError(f"config key 'data.pretrain.source': path not found: {source}")
+    pretrain.register_pretrain(source, vocabulary, name="tagi_pretrain", seed=data_cfg.pretrain.seed,
+                               min_words=data_cfg.pretrain.min_words)
+    return DataInfo(
+        vocabulary=vocabulary,
+        train_mixture=train_mixture,
+        eval_mixtures=eval_mixtures,
+        pretrain_task="tagi_pretrain",
+        train_task_names=train_names,
+        categories=categories,
+    )
+
+
+def train_batches(
+    mixture: str,
+    lengths: Mapping[str, int],
+    batch_size: int,
+    task_names: Sequence[str],
+    seed: int,
+    start_step: int,
+    host_slice: slice | None = None,
+) -> Iterator[dict]:
+    """Endless shuffled batches of model features for training, starting at batch `start_step`.
+
+    The order is a function of the seed only, so a resumed run sees exactly the batches an uninterrupted
+    run would. `task_id` is a task's position in `task_names` (-1 for others).
+    """
+    from tagi_jax.feature_converter import TagiFeatureConverter, get_model_dataset, to_numpy_batches
+
+    converter = TagiFeatureConverter(task_names=list(task_names), count_truncation=True)
+    ds = get_model_dataset(mixture, lengths, converter, split="train", shuffle=True, seed=seed, num_epochs=None)
+    for batch in to_numpy_batches(ds, batch_size, drop_remainder=True, start_batch=start_step):
+        out = {k: v for k, v in batch.items() if k in F.MODEL_FEATURES}
+        if host_slice is not None:
+            out = {k: v[host_slice] for k, v in out.items()}
+        yield out
+
+
+def eval_examples(mixture: str, max_per_task: int | None = None) -> list[dict]:
+    """The string features and references of a mixture's evaluation split, in a deterministic order."""
+    import seqio
+
+    provider = seqio.get_mixture_or_task(mixture)
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    out = []
+    for task in sorted(tasks, key=lambda t: t.name):
+        split = "test" if "test" in task.splits else "validation"
+        ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, trim_output_features=False)
+        for i, ex in enumerate(ds.as_numpy_iterator()):
+            if max_per_task is not None and i >= max_per_task:
+                break
+            row = {name: _text(ex[name + "_pretokenized"]) for name in F.TEXT_FEATURES}
+            row[F.TASK_NAME] = _text(ex[F.TASK_NAME])
+            refs = ex.get(F.REFERENCES)
+            row[F.REFERENCES] = [_text(r) for r in refs] if refs is not None else [row[F.TARGETS]]
+            row["id"] = f"{row[F.TASK_NAME]}-{i}"
+            out.append(row)
+    return out
+
+
+def _text(x) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)

@@ -1,0 +1,575 @@
+"""The TAGI training pipeline: every stage of the paper and every baseline, run by one partitioned trainer.
+
+Stages (each a `Trainer` run in `<workdir>/<stage>/`, resumable, whose output seeds later stages):
+
+  backbone        plain T5 on the pretraining text (`full_inputs` = a|b -> c); only for runs that start from
+                  scratch (the demo). Real runs import a Hugging Face checkpoint (`model.checkpoint`) instead.
+  teachers        stage 0, "training with instance": one LoRA teacher per task (or per category) on the frozen
+                  backbone, reading `full_inputs`; all teachers in one jitted step (a table indexed by task id).
+  pretrain        stage 1: hypernetwork pretraining on a | b | c (a -> hypernetwork, b -> model, c target).
+  finetune        stage 2: `CE + λ1·KL(teacher ‖ student) + λ2·L_ins`; the KL teacher is the backbone with the
+                  task's LoRA teacher on `full_inputs` (the paper's equation) or the `concat` baseline.
+  concat          baseline: instruction concatenation (Tk-Instruct style) on `full_inputs`.
+  no_instruction  baseline: multitask training on `inputs` only.
+  hint            baseline: the hypernetwork without distillation (CE only, HINT-like), from stage 1.
+
+Every stage trains the same `TAGI` parameter tree (t5, hypernet, teachers) — what a stage does not use is
+frozen (no optimizer state) — except `finetune`, whose tree is {"student": ..., "teacher": ...} with the teacher
+frozen, so the KL teacher keeps the backbone it was trained on while the student's backbone moves.
+
+Methods evaluated at the end and their stages: `METHOD_STAGE`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from ml_collections import config_dict
+
+from tagi_jax import data as data_lib
+from tagi_jax import features as F
+from tagi_jax import losses
+from tagi_jax import trainer as trainer_lib
+from tagi_jax.config import ConfigError, get_key
+from tagi_jax.models import tagi as tagi_lib
+from tagi_jax.models.hypernet import HyperNetConfig
+from tagi_jax.models.t5_config import T5Config
+
+STAGES = ("backbone", "teachers", "pretrain", "finetune", "concat", "no_instruction", "hint")
+METHOD_STAGE = {"tagi": "finetune", "hint": "hint", "concat": "concat", "no_instruction": "no_instruction"}
+METHODS = tuple(METHOD_STAGE)
+# What each stage starts from: the stage whose output it continues (None: fresh or the imported checkpoint).
+DEFAULT_INIT_FROM = {
+    "backbone": "",
+    "teachers": "backbone",
+    "pretrain": "backbone",
+    "finetune": "pretrain",
+    "concat": "backbone",
+    "no_instruction": "backbone",
+    "hint": "pretrain",
+}
+# Which parameter subtrees each stage trains (everything else is frozen).
+STAGE_TRAINS = {
+    "backbone": ("t5",),
+    "teachers": ("teachers",),
+    "pretrain": ("t5", "hypernet", "hyper_encoder"),
+    "finetune": ("t5", "hypernet", "hyper_encoder"),
+    "concat": ("t5",),
+    "no_instruction": ("t5",),
+    "hint": ("t5", "hypernet", "hyper_encoder"),
+}
+PRETRAIN_DATA_STAGES = ("backbone", "pretrain")
+KL_TEACHERS = ("lora_teachers", "concat")
+
+
+# ------------------------------------------------------------------------------------------------ config
+def _dataclass_section(cls) -> config_dict.ConfigDict:
+    return config_dict.ConfigDict({f.name: f.default for f in dataclasses.fields(cls)})
+
+
+def default_config() -> config_dict.ConfigDict:
+    """Every key a pipeline config may set, with defaults (configs/*.py start from this)."""
+    base = trainer_lib.default_config()
+    c = config_dict.ConfigDict()
+    c.seed = 0
+    c.model = _dataclass_section(T5Config)
+    c.model.checkpoint = ""  # a Hugging Face T5 directory to import the backbone from ("" = from scratch)
+    c.hypernet = _dataclass_section(HyperNetConfig)
+    c.tagi = config_dict.ConfigDict({
+        "fusion": "prepend",
+        "separate_hyper_encoder": False,
+        "teacher_rank": 32,
+        "teacher_alpha": 32.0,
+        "teachers_per": "task",  # "task" or "category"
+    })
+    c.data = config_dict.ConfigDict({
+        "benchmark": "synthetic",
+        "vocabulary": "byte",
+        "setting": "def_pos2",
+        "lengths": {"inputs": 64, "hyper_inputs": 256, "full_inputs": 320, "targets": 32},
+        "synthetic": {"seed": 0, "num_train_tasks": 360, "num_unseen_tasks": 90,
+                      "train_instances_per_task": 100, "eval_instances_per_task": 100},
+        "sni": {"dir": "", "split": "default", "max_train_instances": 100, "max_test_instances": 100,
+                "seed": 42, "skip_bad_tasks": False},
+        "pretrain": {"source": "", "seed": 0, "min_words": 16,
+                     "lengths": {"inputs": 64, "hyper_inputs": 128, "full_inputs": 192, "targets": 64}},
+    })
+    c.loss = config_dict.ConfigDict({
+        "z_loss": 0.0,
+        "label_smoothing": 0.0,
+        "lambda_kl": 5.0,
+        "lambda_ins": "sigmoid",  # "sigmoid" (the paper: λ2 = sigmoid(L_ins)) or a number as a string
+        "temperature": 1.0,
+        "alignment": "delta",  # "delta" (ΔW matrices) or "factor" (factor-wise MSE, the original code)
+        "kl_teacher": "lora_teachers",  # or "concat": the instruction-concatenation stage's model
+    })
+    c.mesh = base.mesh
+    c.distributed = base.distributed
+    c.pipeline = config_dict.ConfigDict({
+        "stages": STAGES,
+        "evaluate": METHODS,
+    })
+    c.stages = config_dict.ConfigDict()
+    for stage in STAGES:
+        c.stages[stage] = config_dict.ConfigDict({
+            "init_from": DEFAULT_INIT_FROM[stage],
+            "train": copy.deepcopy(base.train),
+            "optimizer": copy.deepcopy(base.optimizer),
+        })
+    c.eval = config_dict.ConfigDict({
+        "batch_size": 64,
+        "max_decode_len": 128,
+        "beam_size": 1,
+        "max_examples_per_task": 100,
+    })
+    return c
+
+
+def tagi_config(config: config_dict.ConfigDict, num_teachers: int) -> tagi_lib.TAGIConfig:
+    """The model config: backbone (from the checkpoint's config.json when importing), hypernet, fusion."""
+    model = config.model.to_dict()
+    checkpoint = model.pop("checkpoint", "")
+    if checkpoint:
+        from tagi_jax import hf
+
+        t5 = hf.read_t5_config(checkpoint).replace(
+            dtype=model["dtype"], param_dtype=model["param_dtype"], dropout_rate=model["dropout_rate"])
+    else:
+        try:
+            t5 = T5Config(**model)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config key 'model': {e}") from None
+    try:
+        hyper = HyperNetConfig(**config.hypernet.to_dict())
+        return tagi_lib.TAGIConfig(
+            t5=t5, hypernet=hyper, fusion=config.tagi.fusion, num_teachers=num_teachers,
+            teacher_rank=config.tagi.teacher_rank, teacher_alpha=config.tagi.teacher_alpha,
+            separate_hyper_encoder=config.tagi.separate_hyper_encoder)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise ConfigError(f"config key 'hypernet'/'tagi': {e}") from None
+
+
+def validate(config: config_dict.ConfigDict) -> None:
+    """Stop before any work on settings that cannot run together; every message names the key."""
+    from tagi_jax.config import require_choice, validate_trainer_config
+
+    stages = tuple(config.pipeline.stages)
+    for s in stages:
+        if s not in STAGES:
+            raise ConfigError(f"config key 'pipeline.stages': unknown stage {s!r} (known: {STAGES})")
+    for m in config.pipeline.evaluate:
+        if m not in METHODS:
+            raise ConfigError(f"config key 'pipeline.evaluate': unknown method {m!r} (known: {METHODS})")
+    require_choice(config, "tagi.teachers_per", ("task", "category"))
+    require_choice(config, "loss.alignment", ("delta", "factor"))
+    require_choice(config, "loss.kl_teacher", KL_TEACHERS)
+    _lambda_ins(config)
+    if config.loss.temperature <= 0:
+        raise ConfigError(f"config key 'loss.temperature' must be > 0, got {config.loss.temperature}")
+    if config.model.checkpoint:
+        from tagi_jax.config import require_path
+        require_path(config, "model.checkpoint", kind="dir")
+    for s in stages:
+        section = config.stages[s]
+        src = section.init_from
+        if src and src not in STAGES:
+            raise ConfigError(f"config key 'stages.{s}.init_from': unknown stage {src!r}")
+        if s == "backbone" and config.model.checkpoint:
+            raise ConfigError("config key 'pipeline.stages' runs 'backbone' (pretraining from scratch) although "
+                              "'model.checkpoint' imports one; drop one of them")
+        stage_cfg = _stage_trainer_config(config, s)
+        try:
+            validate_trainer_config(stage_cfg)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("'train.", f"'stages.{s}.train.").replace(
+                "'optimizer.", f"'stages.{s}.optimizer.")) from None
+    tagi_config(config, num_teachers=1)  # model settings are checked by the dataclasses
+
+
+def _lambda_ins(config) -> float | str:
+    v = config.loss.lambda_ins
+    if isinstance(v, (int, float)):
+        return float(v)
+    if v == "sigmoid":
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise ConfigError(f"config key 'loss.lambda_ins': {v!r} is neither 'sigmoid' nor a number") from None
+
+
+def _stage_trainer_config(config, stage: str) -> config_dict.ConfigDict:
+    """The trainer's view of one stage: seed, that stage's train/optimizer sections, mesh, distributed."""
+    section = config.stages[stage]
+    optimizer = copy.deepcopy(section.optimizer)
+    with optimizer.unlocked():
+        optimizer.frozen = tuple(optimizer.frozen) + _frozen_patterns(stage)
+    return config_dict.ConfigDict({
+        "seed": config.seed + STAGES.index(stage),
+        "train": copy.deepcopy(section.train),
+        "optimizer": optimizer,
+        "mesh": copy.deepcopy(config.mesh),
+        "distributed": copy.deepcopy(config.distributed),
+    })
+
+
+def _frozen_patterns(stage: str) -> tuple[str, ...]:
+    trains = STAGE_TRAINS[stage]
+    subtrees = ("t5", "hypernet", "hyper_encoder", "teachers")
+    prefix = "student/" if stage == "finetune" else ""
+    frozen = tuple(f"^{prefix}{s}/" for s in subtrees if s not in trains)
+    if stage == "finetune":
+        frozen += ("^teacher/",)
+    return frozen
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def _weights(batch):
+    return batch[F.DECODER_LOSS_WEIGHTS]
+
+
+def _ce(config, logits, batch):
+    ce, z, ntok = losses.cross_entropy(logits, batch[F.DECODER_TARGET_TOKENS], _weights(batch),
+                                       z_loss=config.loss.z_loss, label_smoothing=config.loss.label_smoothing)
+    return ce, {"cross_entropy": ce, "z_loss": z, trainer_lib.LOSS_WEIGHT: ntok}
+
+
+def _adapter_sq_norm(adapters) -> jax.Array:
+    """Mean over the batch of Σ_targets,layers ‖scale·A·B‖²_F (a zero 'teacher' in the alignment identity)."""
+    zeros = jax.tree.map(jnp.zeros_like, adapters)
+    return losses.adapter_alignment(adapters, zeros, mode="delta")
+
+
+def make_loss_fn(stage: str, config, model: tagi_lib.TAGI, task_to_teacher: np.ndarray | None):
+    """loss_fn(params, batch, rng) -> (loss, metrics) for one stage (pure; the trainer compiles it)."""
+    table = None if task_to_teacher is None else jnp.asarray(task_to_teacher, jnp.int32)
+
+    def with_teacher_rows(batch):
+        if table is None:
+            return batch
+        tid = batch[F.TASK_ID]
+        return {**batch, F.TASK_ID: jnp.where(tid >= 0, table[jnp.maximum(tid, 0)], 0)}
+
+    if stage in ("backbone", "concat"):
+        def loss_fn(params, batch, rng):
+            return _ce(config, tagi_lib.concat_logits(model, params, batch, rng), batch)
+    elif stage == "no_instruction":
+        def loss_fn(params, batch, rng):
+            return _ce(config, tagi_lib.no_instruction_logits(model, params, batch, rng), batch)
+    elif stage == "teachers":
+        def loss_fn(params, batch, rng):
+            return _ce(config, tagi_lib.teacher_logits(model, params, with_teacher_rows(batch), rng), batch)
+    elif stage in ("pretrain", "hint"):
+        def loss_fn(params, batch, rng):
+            logits, adapters = tagi_lib.student_forward(model, params, batch, rng)
+            loss, metrics = _ce(config, logits, batch)
+            metrics["adapter_sq_norm"] = _adapter_sq_norm(adapters)
+            return loss, metrics
+    elif stage == "finetune":
+        lambda_ins = _lambda_ins(config)
+        use_kl = float(config.loss.lambda_kl) != 0.0
+        use_ins = lambda_ins == "sigmoid" or float(lambda_ins) != 0.0
+        kl_from_concat = config.loss.kl_teacher == "concat"
+
+        def loss_fn(params, batch, rng):
+            student, teacher = params["student"], jax.lax.stop_gradient(params["teacher"])
+            tbatch = with_teacher_rows(batch)
+            logits, generated = tagi_lib.student_forward(model, student, batch, rng)
+            ce, metrics = _ce(config, logits, batch)
+            kl = l_ins = None
+            if use_kl:
+                t_logits = (tagi_lib.concat_logits(model, teacher, batch) if kl_from_concat
+                            else tagi_lib.teacher_logits(model, teacher, tbatch))
+                kl = losses.distillation_kl(logits, t_logits, _weights(batch), config.loss.temperature)
+            if use_ins:
+                t_adapters = tagi_lib.teacher_adapters(model, teacher, tbatch[F.TASK_ID])
+                l_ins = losses.adapter_alignment(generated, t_adapters, mode=config.loss.alignment)
+            total, terms = losses.total_loss(ce, kl, l_ins, lambda_kl=float(config.loss.lambda_kl),
+                                             lambda_ins=lambda_ins)
+            metrics.update({k: v for k, v in terms.items() if k != "total"})
+            metrics["adapter_sq_norm"] = _adapter_sq_norm(generated)
+            return total, metrics
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    return loss_fn
+
+
+# ------------------------------------------------------------------------------------------------ params
+def stage_init_fn(stage: str, model_cfg: tagi_lib.TAGIConfig) -> Callable[[jax.Array], Any]:
+    """The boxed parameter tree of a stage (for the trainer's abstract/sharded init)."""
+    if stage == "finetune":
+        def init_fn(rng):
+            r1, r2 = jax.random.split(rng)
+            return {"student": tagi_lib.init_params(model_cfg, r1), "teacher": tagi_lib.init_params(model_cfg, r2)}
+        return init_fn
+    return lambda rng: tagi_lib.init_params(model_cfg, rng)
+
+
+def _stage_dir(workdir: str, stage: str) -> str:
+    return os.path.join(workdir, stage)
+
+
+def _has_checkpoint(workdir: str, stage: str) -> bool:
+    d = os.path.join(_stage_dir(workdir, stage), "checkpoints")
+    return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+
+
+def _require_stage_output(workdir: str, stage: str, needed_by: str) -> None:
+    if not _has_checkpoint(workdir, stage):
+        raise ConfigError(
+            f"stage '{needed_by}' starts from stage '{stage}', which has no checkpoint in "
+            f"{_stage_dir(workdir, stage)}: add '{stage}' to 'pipeline.stages' or change "
+            f"'stages.{needed_by}.init_from'")
+
+
+def _initial_sources(stage: str, config) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """[(source stage, source path prefix, target path prefix)] that seed a stage's parameters."""
+    src = config.stages[stage].init_from
+    if stage == "finetune":
+        kl_src = "concat" if config.loss.kl_teacher == "concat" else "teachers"
+        out = []
+        if src:
+            out += [(src, ("t5",), ("student", "t5")), (src, ("hypernet",), ("student", "hypernet"))]
+            if config.tagi.separate_hyper_encoder:
+                out.append((src, ("hyper_encoder",), ("student", "hyper_encoder")))
+        out += [(kl_src, ("t5",), ("teacher", "t5")), ("teachers", ("teachers",), ("teacher", "teachers"))]
+        return out
+    if not src:
+        return []
+    subtrees = ["t5"]
+    if stage in ("pretrain", "hint", "teachers") and src in ("pretrain", "finetune", "hint"):
+        subtrees.append("hypernet")
+    if stage == "hint" and src == "pretrain" and config.tagi.separate_hyper_encoder:
+        subtrees.append("hyper_encoder")
+    if src == "teachers":
+        subtrees.append("teachers")
+    return [(src, (s,), (s,)) for s in subtrees]
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree, path, value):
+    if len(path) == 1:
+        return {**tree, path[0]: value}
+    return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
+
+
+def build_initial_params(stage: str, config, workdir: str, trainer: trainer_lib.Trainer,
+                         hf_params: Any | None) -> Callable[[], Any] | None:
+    """A thunk giving the stage's starting parameters: fresh init overlaid with earlier stages' outputs
+    (and the imported Hugging Face backbone), or None for a plain fresh init."""
+    sources = _initial_sources(stage, config)
+    needs_hf = hf_params is not None and not any(t[-1] == "t5" for _, _, t in sources)
+    if not sources and not needs_hf:
+        return None
+    for src, _, _ in sources:
+        _require_stage_output(workdir, src, stage)
+
+    def thunk():
+        with trainer.context():
+            params = jax.jit(lambda r: nn.meta.unbox(trainer.init_fn(r)),
+                             out_shardings=trainer.param_shardings)(trainer._init_rng)
+        if needs_hf:
+            for prefix in ([("student", "t5"), ("teacher", "t5")] if stage == "finetune" else [("t5",)]):
+                params = _set(params, prefix, jax.tree.map(
+                    lambda x, a: jax.device_put(np.asarray(x, np.float32), a.sharding),
+                    hf_params, _get(trainer.abstract_params, prefix)))
+        by_source: dict[str, list] = {}
+        for src, sp, tp in sources:
+            by_source.setdefault(src, []).append((sp, tp))
+        for src, pairs in by_source.items():
+            abstract = {}
+            for sp, tp in pairs:
+                abstract = _set(abstract, sp, _get(trainer.abstract_params, tp))
+            restored = trainer_lib.load_params(_stage_dir(workdir, src), abstract)
+            for sp, tp in pairs:
+                params = _set(params, tp, _get(restored, sp))
+        return params
+
+    return thunk
+
+
+# ------------------------------------------------------------------------------------------------ running
+@dataclasses.dataclass
+class RunContext:
+    config: config_dict.ConfigDict
+    workdir: str
+    data: data_lib.DataInfo
+    model_cfg: tagi_lib.TAGIConfig
+    model: tagi_lib.TAGI
+    task_to_teacher: np.ndarray
+    hf_params: Any = None
+
+
+def prepare(config: config_dict.ConfigDict, workdir: str) -> RunContext:
+    """Validate, register the data, build the model; write the run config into the work directory."""
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    info = data_lib.register_benchmark(config.data, workdir)
+    per = config.tagi.teachers_per
+    rows = info.teacher_index(per)
+    task_to_teacher = np.asarray([rows[t] for t in info.train_task_names], np.int32)
+    model_cfg = tagi_config(config, num_teachers=len(info.teacher_keys(per)))
+    hf_params = None
+    if config.model.checkpoint:
+        from tagi_jax import hf
+
+        _, hf_params = hf.load_t5(config.model.checkpoint)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        with open(os.path.join(workdir, "tasks.json"), "w") as f:
+            json.dump({"train_task_names": list(info.train_task_names), "teachers_per": per,
+                       "teacher_keys": list(info.teacher_keys(per)), "categories": dict(info.categories)},
+                      f, indent=1)
+    return RunContext(config, workdir, info, model_cfg, tagi_lib.TAGI(model_cfg), task_to_teacher, hf_params)
+
+
+def run_stage(ctx: RunContext, stage: str, stop_at: int | None = None) -> dict:
+    """Train one stage to `stages.<stage>.train.steps` (resuming if it has checkpoints); returns a record."""
+    config = ctx.config
+    stage_cfg = _stage_trainer_config(config, stage)
+    loss_fn = make_loss_fn(stage, config, ctx.model, ctx.task_to_teacher)
+    trainer = trainer_lib.Trainer(stage_cfg, workdir=_stage_dir(ctx.workdir, stage),
+                                  init_fn=stage_init_fn(stage, ctx.model_cfg), loss_fn=loss_fn)
+    initial = None if _has_checkpoint(ctx.workdir, stage) else build_initial_params(
+        stage, config, ctx.workdir, trainer, ctx.hf_params)
+    is_pretrain = stage in PRETRAIN_DATA_STAGES
+    mixture = ctx.data.pretrain_task if is_pretrain else ctx.data.train_mixture
+    lengths = data_lib.pretrain_lengths(config.data) if is_pretrain else data_lib.task_lengths(config.data)
+    host_bs = stage_cfg.train.batch_size // jax.process_count()
+    host_slice = trainer_lib.host_batch_slice(stage_cfg.train.batch_size)
+
+    def batches(start_step: int):
+        return data_lib.train_batches(mixture, lengths, stage_cfg.train.batch_size, ctx.data.train_task_names,
+                                      seed=stage_cfg.seed, start_step=start_step,
+                                      host_slice=host_slice if host_bs != stage_cfg.train.batch_size else None)
+
+    t0 = time.time()
+    state = trainer.fit(batches, initial_params=initial, stop_at=stop_at)
+    seconds = time.time() - t0
+    if hasattr(trainer, "close"):
+        trainer.close()
+    return {"stage": stage, "step": int(jax.device_get(state.step)), "seconds": seconds,
+            "resumed_from": trainer.resumed_from}
+
+
+def run(config: config_dict.ConfigDict, workdir: str) -> dict:
+    """Run the configured stages in order, then evaluate the configured methods; returns the summary."""
+    ctx = prepare(config, workdir)
+    records = []
+    for stage in config.pipeline.stages:
+        logging.info("=== stage %s ===", stage)
+        print(f"\n=== stage: {stage} ===", flush=True)
+        records.append(run_stage(ctx, stage))
+    summary = evaluate_methods(ctx, tuple(config.pipeline.evaluate))
+    return {"stages": records, "summary": summary}
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_trained(workdir: str, method: str):
+    """(config, model, params) of a trained method in a pipeline work directory (params = its TAGI tree)."""
+    if method not in METHOD_STAGE:
+        raise ValueError(f"unknown method {method!r} (known: {METHODS})")
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{workdir}: no config.json (not a tagi_jax pipeline work directory)")
+    config = load_workdir_config(workdir)
+    stage = METHOD_STAGE[method]
+    if not _has_checkpoint(workdir, stage):
+        raise FileNotFoundError(f"{workdir}: method '{method}' has no checkpoint ({_stage_dir(workdir, stage)})")
+    with open(os.path.join(workdir, "tasks.json")) as f:
+        num_teachers = len(json.load(f)["teacher_keys"])
+    model_cfg = tagi_config(config, num_teachers=num_teachers)
+    model = tagi_lib.TAGI(model_cfg)
+    abstract = jax.eval_shape(lambda r: nn.meta.unbox(stage_init_fn(stage, model_cfg)(r)), jax.random.key(0))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    params = trainer_lib.load_params(_stage_dir(workdir, stage), abstract)
+    if stage == "finetune":
+        params = params["student"]
+    return config, model, params
+
+
+def load_workdir_config(workdir: str) -> config_dict.ConfigDict:
+    """The run config saved in a work directory, merged over the defaults (so new keys get defaults)."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    config = default_config()
+    _merge_into(config, saved)
+    return config
+
+
+def _merge_into(config: config_dict.ConfigDict, saved: Mapping) -> None:
+    for key, value in saved.items():
+        if key not in config:
+            continue
+        if isinstance(config[key], config_dict.ConfigDict) and isinstance(value, Mapping):
+            _merge_into(config[key], value)
+        else:
+            current = config[key]
+            if isinstance(current, tuple) and isinstance(value, list):
+                value = tuple(value)
+            with config.unlocked():
+                config[key] = value
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def evaluate_methods(ctx: RunContext, methods: tuple[str, ...]) -> dict:
+    """ROUGE-L / exact match of each method on the benchmark's evaluation splits; writes summary.json."""
+    from tagi_jax import evaluation
+
+    config = ctx.config
+    lengths = data_lib.task_lengths(config.data)
+    splits = {label: data_lib.eval_examples(mixture, config.eval.max_examples_per_task)
+              for label, mixture in ctx.data.eval_mixtures.items()}
+    summary: dict[str, dict] = {}
+    for method in methods:
+        stage = METHOD_STAGE[method]
+        if not _has_checkpoint(ctx.workdir, stage):
+            logging.warning("summary: method %s has no trained stage %s; skipped", method, stage)
+            continue
+        _, model, params = load_trained(ctx.workdir, method)
+        summary[method] = {}
+        for label, examples in splits.items():
+            records, metrics = evaluation.evaluate(
+                method, model, params, examples, ctx.data.vocabulary, lengths=lengths,
+                batch_size=config.eval.batch_size, max_decode_len=config.eval.max_decode_len,
+                beam_size=config.eval.beam_size)
+            summary[method][label] = {"rougeL": float(metrics["rougeL"]), "exact_match": float(metrics["exact_match"])}
+            out_dir = os.path.join(ctx.workdir, "eval")
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, f"{method}_{label}_predictions.jsonl"), "w") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+    if jax.process_index() == 0:
+        with open(os.path.join(ctx.workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def format_summary(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    labels = sorted({label for m in summary.values() for label in m}, key=lambda x: (x != "unseen", x))
+    header = f"{'method':<16}" + "".join(f"{label + ' ROUGE-L':>16}{label + ' EM':>12}" for label in labels)
+    lines = [header, "-" * len(header)]
+    for method, by_label in summary.items():
+        row = f"{method:<16}"
+        for label in labels:
+            m = by_label.get(label)
+            row += f"{m['rougeL']:>16.1f}{m['exact_match']:>12.1f}" if m else f"{'-':>16}{'-':>12}"
+        lines.append(row)
+    return "\n".join(lines)
