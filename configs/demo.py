@@ -24,7 +24,7 @@ def get_config():
     c.data.benchmark = "synthetic"
     c.data.vocabulary = "byte"
     c.data.setting = "def_pos2"
-    c.data.lengths.update(dict(inputs=48, hyper_inputs=320, full_inputs=368, targets=32))
+    c.data.lengths.update(dict(inputs=80, hyper_inputs=288, full_inputs=352, targets=32))
     c.data.synthetic.update(dict(seed=0, num_train_tasks=120, num_unseen_tasks=30,
                                  train_instances_per_task=100, eval_instances_per_task=20))
     c.data.pretrain.lengths.update(dict(inputs=64, hyper_inputs=128, full_inputs=192, targets=64))
