@@ -1,0 +1,588 @@
+"""A T5X-style partitioned trainer: one compiled step, Orbax checkpoints with exact resume, metrics.
+
+Every TAGI stage (LoRA teachers, hypernetwork pretraining, finetuning, the baselines) is this trainer with a
+different `loss_fn` and parameter labels. The pieces:
+
+- `train_step` / `eval_step`: module-level pure functions of (state, batch, rng), compiled once by `Trainer`
+  with `jax.jit`, explicit in/out shardings on the mesh and the state donated. Gradient accumulation over
+  microbatches happens inside the step (`jax.lax.scan`), then one optimizer update.
+- `Trainer`: builds the mesh, the optimizer (`tagi_jax.optim`), the state shardings (`tagi_jax.train_state`),
+  the checkpoint manager and the metric writers, and runs the loop (`fit`).
+
+Config sections read here (`default_config()` has them all; launch configs start from it):
+
+    config.seed: int                    # parameter init and the per-step RNG (fold_in(base, step))
+    config.train:
+        steps: int                      # total optimizer updates; the schedule decays over these
+        batch_size: int                 # GLOBAL batch (all hosts, all microbatches)
+        num_microbatches: int           # gradient accumulation inside the step; must divide batch_size, and
+                                        # batch_size / num_microbatches must be divisible by the mesh's data axis
+        log_every: int                  # steps between metric writes (averaged over the interval)
+        checkpoint_every: int           # steps between checkpoints (0: only at the end)
+        keep_checkpoints: int           # keep the last N (0: keep all)
+        eval_every: int                 # steps between calls of `fit(eval_fn=...)` (0: only at the end)
+        progress_bar: bool
+    config.optimizer: see `tagi_jax.optim` (name, learning_rate, warmup_steps, schedule, decay_steps,
+        weight_decay, weight_decay_exclude, clip_norm, frozen, groups, adamw, adafactor)
+    config.mesh: data (-1 = all remaining devices), model, fsdp (also split params' embed dim over data)
+    config.distributed: initialize (call jax.distributed.initialize()), coordinator_address ("" = auto),
+        num_processes (0 = auto), process_id (-1 = auto)
+
+Contracts with the model and data sides:
+
+- `init_fn(rng) -> params`: a tree of `nn.LogicallyPartitioned` leaves, e.g.
+  `lambda rng: model.init(rng, *dummy_inputs)["params"]`. Only traced abstractly unless the run starts
+  from scratch, then run under `jax.jit` with the parameter shardings (never a full copy on one device).
+- `loss_fn(params, batch, rng) -> (loss, metrics)`: pure and jittable; `rng` is a per-step key in training
+  and None in evaluation (no rng = no dropout); `metrics` is a dict of scalars (loss
+  terms, adapter norms, ...), all logged. If it holds `"loss_weight"` (e.g. the number of real target tokens
+  the loss was averaged over), microbatches are combined weighted by it, which makes accumulation equal to
+  the big batch for token-averaged losses; without it microbatches are averaged with equal weight.
+- `batches(start_step) -> iterator` of host-local batches (dicts of numpy arrays, leading dimension
+  `batch_size / jax.process_count()`, this host's slice `host_batch_slice(batch_size)` of the global batch)
+  for steps start_step, start_step + 1, ...: the data position is a function of the step, so a resumed run
+  sees exactly the batches an uninterrupted one would.
+
+Work directory layout: `checkpoints/<step>/` (Orbax), `config.json`, `model-info.txt`, `metrics.jsonl`,
+`tensorboard/`. A run started in a work directory that holds checkpoints resumes from the latest one.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from ml_collections import config_dict
+
+from tagi_jax import optim, partitioning
+from tagi_jax.config import ConfigError, get_key, rename_sections, validate_trainer_config
+from tagi_jax.metric_writers import MetricWriter, ProgressBar, is_writer_process
+from tagi_jax.train_state import TrainState, abstract_state, check_float32, state_shardings
+
+Batch = Mapping[str, Any]
+LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
+LOSS_WEIGHT = "loss_weight"
+
+
+def default_config() -> config_dict.ConfigDict:
+    """seed, train, optimizer, mesh and distributed sections with their defaults."""
+    return config_dict.ConfigDict(
+        {
+            "seed": 0,
+            "train": {
+                "steps": 1000,
+                "batch_size": 32,
+                "num_microbatches": 1,
+                "log_every": 50,
+                "checkpoint_every": 500,
+                "keep_checkpoints": 2,
+                "eval_every": 0,
+                "progress_bar": True,
+            },
+            "optimizer": optim.default_config(),
+            "mesh": {"data": -1, "model": 1, "fsdp": False},
+            "distributed": {"initialize": False, "coordinator_address": "", "num_processes": 0, "process_id": -1},
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-host helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def initialize_distributed(config: config_dict.ConfigDict) -> bool:
+    """`jax.distributed.initialize()` when `config.distributed.initialize`; call before touching devices."""
+    dist = get_key(config, "distributed", None)
+    if dist is None or not dist.get("initialize", False):
+        return False
+    kwargs: dict[str, Any] = {}
+    if dist.get("coordinator_address"):
+        kwargs["coordinator_address"] = dist.coordinator_address
+    if dist.get("num_processes", 0) > 0:
+        kwargs["num_processes"] = dist.num_processes
+    if dist.get("process_id", -1) >= 0:
+        kwargs["process_id"] = dist.process_id
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def host_batch_slice(global_batch_size: int) -> slice:
+    """The rows of the global batch this host loads (`process_index`-th of `process_count` equal slices)."""
+    count, index = jax.process_count(), jax.process_index()
+    if global_batch_size % count:
+        raise ConfigError(
+            f"config key 'train.batch_size'={global_batch_size} is not divisible by the {count} processes"
+        )
+    per_host = global_batch_size // count
+    return slice(index * per_host, (index + 1) * per_host)
+
+
+def make_global_batch(local_batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Host-local numpy slices -> global arrays split over the mesh's `data` axis on the batch dimension."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            partitioning.data_sharding(mesh, np.ndim(x)), np.asarray(x)
+        ),
+        dict(local_batch),
+    )
+
+
+def mesh_context(mesh: jax.sharding.Mesh, rules) -> contextlib.AbstractContextManager:
+    """The mesh and logical axis rules that `nn.with_logical_constraint` inside the model resolves against.
+
+    (`jax.set_mesh` is the current spelling of the deprecated `with mesh:`.)
+    """
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(rules))
+    return stack
+
+
+# --------------------------------------------------------------------------------------------------
+# The pure step functions
+# --------------------------------------------------------------------------------------------------
+
+
+def split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, jax.Array]:
+    """[batch, ...] -> [num_microbatches, batch / num_microbatches, ...], strided.
+
+    Microbatch i holds examples i, i + k, i + 2k, ...: with the batch split over `data`, each device's
+    rows stay on that device for every microbatch (a contiguous split would move data between devices).
+    """
+    k = num_microbatches
+
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch of {x.shape[0]} examples does not split into {k} microbatches")
+        x = jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, dict(batch))
+
+
+def _metrics_dict(loss: jax.Array, metrics: Mapping[str, Any]) -> dict[str, jax.Array]:
+    out = {}
+    for name, value in dict(metrics).items():
+        if jnp.shape(value) != ():
+            raise ValueError(f"loss_fn metric '{name}' has shape {jnp.shape(value)}; metrics must be scalars")
+        out[name] = jnp.asarray(value, jnp.float32)
+    if jnp.shape(loss) != ():
+        raise ValueError(f"loss_fn returned a loss of shape {jnp.shape(loss)}; it must be a scalar")
+    out["loss"] = jnp.asarray(loss, jnp.float32)
+    return out
+
+
+def compute_gradients(
+    params: Any,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    loss_fn: LossFn,
+    trainable: Any | None = None,
+    num_microbatches: int = 1,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """(gradient tree like `params`, metrics) for one (global) batch, accumulating over microbatches.
+
+    Only trainable parameters are differentiated (frozen ones get zero gradients and cost no backward
+    pass or accumulator memory). Microbatch gradients and metrics are averaged, weighted by the
+    `"loss_weight"` metric when the loss_fn reports one.
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    mask = [True] * len(leaves) if trainable is None else treedef.flatten_up_to(trainable)
+    train_leaves = [leaf for leaf, m in zip(leaves, mask) if m]
+
+    def loss_of_trainable(train, mb, mb_rng):
+        it = iter(train)
+        full = treedef.unflatten([next(it) if m else leaf for leaf, m in zip(leaves, mask)])
+        return loss_fn(full, mb, mb_rng)
+
+    grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
+
+    def one(mb, mb_rng):
+        (loss, aux), grads = grad_fn(train_leaves, mb, mb_rng)
+        metrics = _metrics_dict(loss, aux)
+        weight = metrics.pop(LOSS_WEIGHT, None)
+        return grads, metrics, weight
+
+    if num_microbatches == 1:
+        grads, metrics, weight = one(batch, rng)
+        if weight is not None:
+            metrics[LOSS_WEIGHT] = weight
+    else:
+        mbs = split_microbatches(batch, num_microbatches)
+        rngs = jax.random.split(rng, num_microbatches)
+        _, metric_shapes, weight_shape = jax.eval_shape(one, jax.tree.map(lambda x: x[0], mbs), rngs[0])
+        weighted = weight_shape is not None
+
+        def body(carry, xs):
+            g_sum, m_sum, w_sum = carry
+            grads, metrics, weight = one(*xs)
+            w = weight if weighted else jnp.float32(1.0)
+            g_sum = [a + w * g.astype(jnp.float32) for a, g in zip(g_sum, grads)]
+            m_sum = {k: m_sum[k] + w * metrics[k] for k in m_sum}
+            return (g_sum, m_sum, w_sum + w), None
+
+        init = (
+            [jnp.zeros(leaf.shape, jnp.float32) for leaf in train_leaves],
+            {k: jnp.zeros((), jnp.float32) for k in metric_shapes},
+            jnp.zeros((), jnp.float32),
+        )
+        (g_sum, m_sum, w_sum), _ = jax.lax.scan(body, init, (mbs, rngs))
+        denom = jnp.where(w_sum > 0, w_sum, 1.0)
+        grads = [(g / denom).astype(leaf.dtype) for g, leaf in zip(g_sum, train_leaves)]
+        metrics = {k: v / denom for k, v in m_sum.items()}
+        if weighted:
+            metrics[LOSS_WEIGHT] = w_sum
+
+    it = iter(grads)
+    full_grads = treedef.unflatten([next(it) if m else jnp.zeros_like(leaf) for leaf, m in zip(leaves, mask)])
+    return full_grads, metrics
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    base_rng: jax.Array,
+    *,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    trainable: Any | None = None,
+    num_microbatches: int = 1,
+    schedule: optax.Schedule | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update on one global batch; the RNG is `fold_in(base_rng, state.step)`.
+
+    Metrics: the loss_fn's (averaged over microbatches) plus `loss`, `grad_norm` (of the trainable gradient,
+    before clipping), `param_norm` (of the trainable parameters) and `learning_rate` (base schedule).
+    """
+    rng = jax.random.fold_in(base_rng, state.step)
+    grads, metrics = compute_gradients(
+        state.params, batch, rng, loss_fn=loss_fn, trainable=trainable, num_microbatches=num_microbatches
+    )
+    metrics["grad_norm"] = optax.tree.norm(grads)  # frozen gradients are zero
+    trainable_params = (
+        state.params
+        if trainable is None
+        else [p for p, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(trainable)) if m]
+    )
+    metrics["param_norm"] = optax.tree.norm(trainable_params)
+    if schedule is not None:
+        metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    return state.apply_gradients(grads, tx, trainable), metrics
+
+
+def eval_step(params: Any, batch: Batch, *, loss_fn: LossFn) -> dict[str, jax.Array]:
+    """The loss_fn's metrics (and `loss`) on one batch; no update. The loss_fn gets `rng=None`: the
+    project's convention for "deterministic" (no dropout)."""
+    loss, metrics = loss_fn(params, batch, None)
+    return _metrics_dict(loss, metrics)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def load_params(directory: str, abstract_params: Any, step: int | None = None) -> Any:
+    """Restore only the parameters (or a subtree of them) from another run's checkpoint, sharded.
+
+    `directory` is a work directory (or its `checkpoints/`); `abstract_params` are ShapeDtypeStructs with
+    shardings, e.g. `Trainer.abstract_params`. This is how a stage starts from the previous stage's output:
+    `trainer.fit(batches, initial_params=lambda: load_params(prev_workdir, trainer.abstract_params))`.
+    """
+    ckpt = directory if not os.path.isdir(os.path.join(directory, "checkpoints")) else checkpoint_dir(directory)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(os.path.abspath(ckpt), options=options) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint found in {ckpt}")
+        item = {"params": abstract_params}
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), item
+        )
+        restored = manager.restore(
+            step, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        )
+    return restored["params"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Builds everything a run needs from the config, then `fit(batches)`.
+
+    Attributes worth knowing: `mesh`, `rules`, `tx`, `schedule`, `labels` (per-parameter optimizer labels),
+    `abstract_params` (ShapeDtypeStructs with shardings), `state_shardings`, `checkpoints` (the Orbax manager),
+    `writer`.
+    """
+
+    def __init__(
+        self,
+        config: config_dict.ConfigDict,
+        *,
+        workdir: str,
+        init_fn: Callable[[jax.Array], Any],
+        loss_fn: LossFn,
+        eval_loss_fn: LossFn | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        rules=None,
+        section_names: Mapping[str, str] | None = None,
+    ):
+        """`section_names` (e.g. {"train": "stages.finetune.train", "optimizer": "stages.finetune.optimizer"})
+        makes config errors name the keys as they appear in the run config."""
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        self.mesh = mesh if mesh is not None else partitioning.create_mesh(config.mesh.data, config.mesh.model)
+        self.rules = rules if rules is not None else partitioning.logical_axis_rules(bool(config.mesh.fsdp))
+        validate_trainer_config(
+            config, data_parallel_size=self.mesh.shape[partitioning.DATA_AXIS], section_names=section_names
+        )
+        train = config.train
+        self.replicated = partitioning.replicated(self.mesh)
+
+        init_rng, step_rng = jax.random.split(jax.random.key(int(config.seed)))
+        self._init_rng = jax.device_put(init_rng, self.replicated)
+        self._step_rng = jax.device_put(step_rng, self.replicated)
+        self.init_fn = init_fn
+
+        self.abstract_params, self.param_mesh_specs = partitioning.abstract_with_shardings(
+            init_fn, self.mesh, self.rules, init_rng
+        )
+        check_float32(self.abstract_params)
+        self.param_shardings = jax.tree.map(lambda x: x.sharding, self.abstract_params)
+        opt_cfg = config.optimizer
+        try:
+            self.labels = optim.parameter_labels(
+                self.abstract_params, tuple(opt_cfg.get("frozen", ()) or ()), opt_cfg.get("groups")
+            )
+        except ConfigError as e:
+            raise ConfigError(rename_sections(str(e), section_names)) from None
+        self.trainable = optim.trainable_mask(self.labels)
+        self.tx, self.schedule = optim.make_optimizer(opt_cfg, self.labels, total_steps=train.steps)
+        self.state_shardings = state_shardings(self.tx, self.abstract_params, self.param_shardings, self.replicated)
+        self.abstract_state = abstract_state(self.tx, self.abstract_params, self.state_shardings)
+
+        data = partitioning.data_sharding(self.mesh)  # a prefix: every batch leaf split on its first axis
+        step_fn = functools.partial(
+            train_step,
+            loss_fn=loss_fn,
+            tx=self.tx,
+            trainable=self.trainable,
+            num_microbatches=int(train.num_microbatches),
+            schedule=self.schedule,
+        )
+        self._train_step = jax.jit(
+            step_fn,
+            in_shardings=(self.state_shardings, data, self.replicated),
+            out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=(0,),
+        )
+        self._eval_step = jax.jit(
+            functools.partial(eval_step, loss_fn=eval_loss_fn or loss_fn),
+            in_shardings=(self.param_shardings, data),
+            out_shardings=self.replicated,
+        )
+
+        self._init_state = jax.jit(
+            lambda rng: TrainState.create(nn.meta.unbox(init_fn(rng)), self.tx), out_shardings=self.state_shardings
+        )
+        self._init_params = jax.jit(lambda rng: nn.meta.unbox(init_fn(rng)), out_shardings=self.param_shardings)
+        self._init_opt_state = jax.jit(
+            self.tx.init, in_shardings=(self.param_shardings,), out_shardings=self.state_shardings.opt_state
+        )
+
+        keep = int(train.keep_checkpoints)
+        self.checkpoints = ocp.CheckpointManager(
+            checkpoint_dir(self.workdir),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=True),
+        )
+        self.writer = MetricWriter(self.workdir)
+        if is_writer_process():
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+            partitioning.write_model_info(self.workdir, self.abstract_params, self.param_mesh_specs)
+        self.resumed_from: int | None = None
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def context(self) -> contextlib.AbstractContextManager:
+        return mesh_context(self.mesh, self.rules)
+
+    def init_params(self) -> Any:
+        """Fresh parameters from `init_fn` (the seed's init RNG), initialised straight into their shardings;
+        e.g. to overlay imported weights on before `fit(initial_params=...)`."""
+        with self.context():
+            return self._init_params(self._init_rng)
+
+    def init_state(self, initial_params: Any | Callable[[], Any] | None = None) -> TrainState:
+        """A fresh state: from `init_fn` (sharded init), or from given parameters (imported weights, the
+        previous stage's output: a tree like the model's, numpy or jax arrays, cast to float32)."""
+        if initial_params is None:
+            with self.context():
+                return self._init_state(self._init_rng)
+        params = initial_params() if callable(initial_params) else initial_params
+        params = self._place_params(params)
+        with self.context():
+            opt_state = self._init_opt_state(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
+        return TrainState(step=step, params=params, opt_state=opt_state)
+
+    def _place_params(self, params: Any) -> Any:
+        """Check `params` against the model's parameter tree (paths, shapes), cast to float32, shard."""
+        expected = {optim.path_to_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(self.abstract_params)[0]}
+        given = {optim.path_to_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+        missing = sorted(set(expected) - set(given))
+        extra = sorted(set(given) - set(expected))
+        if missing:
+            raise ValueError(f"initial params lack parameter '{missing[0]}' ({len(missing)} missing)")
+        if extra:
+            raise ValueError(f"initial params have unexpected parameter '{extra[0]}' ({len(extra)} extra)")
+        leaves = []
+        for path, target in expected.items():
+            x = given[path]
+            if tuple(x.shape) != tuple(target.shape):
+                raise ValueError(f"initial params: '{path}' has shape {tuple(x.shape)}, the model expects {target.shape}")
+            if x.dtype != jnp.float32:
+                x = np.asarray(x, np.float32) if isinstance(x, np.ndarray) else jnp.asarray(x).astype(jnp.float32)
+            leaves.append(jax.device_put(x, target.sharding))
+        return jax.tree.unflatten(jax.tree.structure(self.abstract_params), leaves)
+
+    def restore_or_init(self, initial_params: Any | Callable[[], Any] | None = None) -> TrainState:
+        """The latest checkpoint in the work directory if there is one (restored straight into sharded
+        arrays; `initial_params` is then not called), else `init_state(initial_params)`."""
+        latest = self.checkpoints.latest_step()
+        if latest is None:
+            return self.init_state(initial_params)
+        self.resumed_from = int(latest)
+        return self.checkpoints.restore(latest, args=ocp.args.StandardRestore(self.abstract_state))
+
+    def save(self, state: TrainState) -> bool:
+        """Checkpoint `state` at its step (no-op if that step is already saved); returns whether it saved."""
+        step = int(jax.device_get(state.step))
+        if step in self.checkpoints.all_steps():
+            return False
+        return self.checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
+
+    # -- steps ---------------------------------------------------------------------------------------
+
+    def shard_batch(self, local_batch: Batch) -> dict[str, jax.Array]:
+        per_host = self.config.train.batch_size // jax.process_count()
+        for name, x in dict(local_batch).items():
+            if np.shape(x)[:1] != (per_host,):
+                raise ValueError(
+                    f"batch feature '{name}' has shape {np.shape(x)}; expected {per_host} examples per host "
+                    f"(train.batch_size={self.config.train.batch_size} over {jax.process_count()} processes)"
+                )
+        return make_global_batch(local_batch, self.mesh)
+
+    def train_step(self, state: TrainState, local_batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One compiled update (the state is donated: don't reuse the `state` passed in)."""
+        batch = self.shard_batch(local_batch)
+        with self.context():
+            return self._train_step(state, batch, self._step_rng)
+
+    def eval_step(self, params: Any, local_batch: Batch) -> dict[str, jax.Array]:
+        batch = make_global_batch(local_batch, self.mesh)
+        with self.context():
+            return self._eval_step(params, batch)
+
+    def evaluate(self, state: TrainState, batches: Iterable[Batch]) -> dict[str, float]:
+        """The eval loss_fn's metrics averaged over `batches` (weighted by "loss_weight" when reported)."""
+        sums: dict[str, float] = {}
+        total = 0.0
+        for local_batch in batches:
+            metrics = jax.device_get(self.eval_step(state.params, local_batch))
+            weight = float(metrics.pop(LOSS_WEIGHT, 1.0))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + weight * float(v)
+            total += weight
+        return {k: v / total for k, v in sums.items()} if total > 0 else {}
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        batches: Callable[[int], Iterable[Batch]],
+        *,
+        state: TrainState | None = None,
+        initial_params: Any | Callable[[], Any] | None = None,
+        stop_at: int | None = None,
+        eval_fn: Callable[[TrainState, int], Mapping[str, Any] | None] | None = None,
+    ) -> TrainState:
+        """Train until `train.steps` (or `stop_at`, e.g. to simulate preemption), resuming if possible.
+
+        `batches(start_step)` gives the host-local batches from `start_step` on. `eval_fn(state, step)` runs
+        every `train.eval_every` steps and after the last step of training; the scalars it returns are
+        logged under `eval/`. Checkpoints every `train.checkpoint_every` steps and at the end.
+        """
+        train = self.config.train
+        if state is None:
+            state = self.restore_or_init(initial_params)
+        start = int(jax.device_get(state.step))
+        end = int(train.steps) if stop_at is None else min(int(stop_at), int(train.steps))
+        bar = ProgressBar(total=int(train.steps), initial=start, enabled=bool(train.get("progress_bar", True)))
+        if self.resumed_from is not None and start == self.resumed_from:
+            bar.write(f"resuming from checkpoint at step {start} in {self.checkpoints.directory}")
+        data: Iterator[Batch] = iter(batches(start))
+        sums, last, count, t0 = None, None, 0, time.perf_counter()
+        try:
+            for step in range(start, end):
+                try:
+                    local_batch = next(data)
+                except StopIteration:
+                    raise RuntimeError(f"the data ran out at step {step} (train.steps={train.steps})") from None
+                state, metrics = self.train_step(state, local_batch)
+                done = step + 1
+                sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+                last, count = metrics, count + 1
+                bar.update()
+                if done % train.log_every == 0 or done == end:
+                    values = {k: float(v) / count for k, v in jax.device_get(sums).items()}
+                    if "learning_rate" in last:
+                        values["learning_rate"] = float(jax.device_get(last["learning_rate"]))
+                    elapsed = max(time.perf_counter() - t0, 1e-9)
+                    values["examples_per_second"] = count * train.batch_size / elapsed
+                    values["steps_per_second"] = count / elapsed
+                    self.writer.write_scalars(done, values, "train")
+                    bar.set_metrics(values)
+                    sums, count, t0 = None, 0, time.perf_counter()
+                if train.checkpoint_every and done % train.checkpoint_every == 0:
+                    self.save(state)
+                is_last = done == int(train.steps)
+                if eval_fn is not None and ((train.eval_every and done % train.eval_every == 0) or is_last):
+                    results = eval_fn(state, done)
+                    if results:
+                        values = self.writer.write_scalars(done, results, "eval")
+                        bar.write(f"step {done} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
+            self.save(state)
+        finally:
+            bar.close()
+        self.checkpoints.wait_until_finished()
+        return state
+
+    def close(self) -> None:
+        self.checkpoints.wait_until_finished()
+        self.checkpoints.close()
+        self.writer.close()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
