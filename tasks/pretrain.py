@@ -1,0 +1,254 @@
+"""Hypernetwork pretraining task (stage 1): plain text cut into a | b | c.
+
+Each document is cut at two random word boundaries: the hypernetwork reads a (`hyper_inputs`), the adapted
+model reads b (`inputs`) and predicts c (`targets`); `full_inputs` = a + " " + b (what an instruction-
+concatenation model would read), `task_name` = "pretrain". The cut points come from an RNG seeded with
+(seed, document text), so a document is cut the same way whatever its position, shard or epoch, and a
+different seed cuts differently. Text inside each part keeps its original whitespace; joining the parts with
+single spaces gives back the document up to whitespace at the two cuts and its ends.
+
+Sources (nothing is opened or downloaded until the dataset is requested):
+  "tfds:<name>"  a TFDS text dataset with a `text` feature, e.g. "tfds:c4/en:3.0.1" (real runs; a bare
+                 "tfds:c4/en" means c4/en:3.1.0, other names need their version, as seqio requires);
+  a directory    local files: `*.jsonl` (one document per line, field `text_field`) and `*.txt` (documents
+                 separated by blank lines), read in sorted order; split `s` reads `<dir>/<s>/` when that
+                 folder exists, otherwise the files directly in `<dir>` make up the "train" split.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import random
+import re
+from typing import Iterable, Sequence
+
+import seqio
+import tensorflow as tf
+
+from tagi_jax import features as F
+from tasks import common
+
+TASK_NAME = "pretrain"
+DEFAULT_TFDS_VERSIONS = {"c4/en": "3.1.0"}  # 'tfds:c4/en' means TFDS's current c4/en; pin others explicitly
+EVAL_SPLITS = ("validation", "test")
+_WORD = re.compile(r"\S+")
+_BLANK_LINES = re.compile(r"\n\s*\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class CutConfig:
+    """Where documents are cut. Fractions are of the document's words, drawn uniformly from (low, high)."""
+
+    min_words: int = 16                            # shorter documents are skipped
+    max_words: int | None = None                   # keep only a document's first max_words words (None: all)
+    a_fraction: tuple[float, float] = (0.2, 0.5)  # share of words in a (hyper_inputs)
+    b_fraction: tuple[float, float] = (0.2, 0.4)  # share of words in b (inputs); c gets the rest (>= 1 word)
+
+    def validate(self) -> None:
+        if self.min_words < 3:
+            raise ValueError(f"pretrain min_words must be >= 3 (a, b and c need a word each), got {self.min_words}")
+        if self.max_words is not None and self.max_words < self.min_words:
+            raise ValueError(f"pretrain max_words ({self.max_words}) must be >= min_words ({self.min_words})")
+        for key in ("a_fraction", "b_fraction"):
+            low, high = getattr(self, key)
+            if not 0.0 < low <= high < 1.0:
+                raise ValueError(f"pretrain {key} must satisfy 0 < low <= high < 1, got {(low, high)}")
+        if self.a_fraction[1] + self.b_fraction[1] >= 1.0:
+            raise ValueError(f"pretrain a_fraction[1] + b_fraction[1] must be < 1 to leave words for c, got "
+                             f"{self.a_fraction[1]} + {self.b_fraction[1]}")
+
+
+def _rng(text: str, seed: int) -> random.Random:
+    digest = hashlib.sha256(f"{seed}\x00{text}".encode("utf-8")).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def cut_document(text: str, seed: int = 0, config: CutConfig = CutConfig()) -> tuple[str, str, str] | None:
+    """Cut `text` into (a, b, c) on whitespace boundaries; None when it has fewer than `min_words` words.
+
+    Deterministic in (seed, text). Each part has at least one word.
+    """
+    words = [m.span() for m in _WORD.finditer(text)]
+    if config.max_words is not None:
+        words = words[: config.max_words]
+    n = len(words)
+    if n < config.min_words:
+        return None
+    rng = _rng(text, seed)
+    i = min(max(1, round(rng.uniform(*config.a_fraction) * n)), n - 2)       # a = words[:i]
+    j = min(max(i + 1, i + round(rng.uniform(*config.b_fraction) * n)), n - 1)  # b = words[i:j], c = words[j:]
+
+    def part(lo: int, hi: int) -> str:
+        return text[words[lo][0]: words[hi - 1][1]]
+
+    return part(0, i), part(i, j), part(j, n)
+
+
+def example_from_document(text: str, seed: int = 0, config: CutConfig = CutConfig()) -> dict[str, str] | None:
+    """The feature-contract example for one document (None when it is too short)."""
+    cut = cut_document(text, seed, config)
+    if cut is None:
+        return None
+    a, b, c = cut
+    return {F.HYPER_INPUTS: a, F.INPUTS: b, F.FULL_INPUTS: f"{a} {b}", F.TARGETS: c, F.TASK_NAME: TASK_NAME}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources: documents as a tf.data.Dataset of {"text": string}
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _split_files(directory: str, split: str) -> list[str]:
+    folder = os.path.join(directory, split)
+    if not os.path.isdir(folder):
+        if split != "train":
+            raise ValueError(f"pretrain source {directory}: no {split!r} folder ({folder})")
+        folder = directory
+    return sorted(p for ext in ("*.jsonl", "*.txt") for p in glob.glob(os.path.join(folder, ext)))
+
+
+def iter_documents(files: Sequence[str], text_field: str = "text") -> Iterable[str]:
+    """Documents of local files: JSONL lines (field `text_field`) or blank-line-separated .txt paragraphs."""
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{line_no}: invalid JSON: {e.msg}") from e
+                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                        raise ValueError(f"{path}:{line_no}: missing string field {text_field!r}")
+                    yield record[text_field]
+            else:
+                for doc in _BLANK_LINES.split(f.read()):
+                    if doc.strip():
+                        yield doc.strip()
+
+
+_EVAL_MARKER = "_pretrain_eval_split"
+
+
+def _mark_eval(dataset: tf.data.Dataset, split: str) -> tf.data.Dataset:
+    """Tag evaluation splits (seqio preprocessors are not told the split) so references get added."""
+    if split not in EVAL_SPLITS:
+        return dataset
+    return dataset.map(lambda ex: {**ex, _EVAL_MARKER: tf.constant(True)})
+
+
+def _directory_source(directory: str, splits: Sequence[str], text_field: str) -> seqio.DataSource:
+    def dataset_fn(split: str, shuffle_files: bool, seed=None) -> tf.data.Dataset:
+        del shuffle_files, seed
+        files = _split_files(directory, split)
+        if not files:
+            raise FileNotFoundError(f"pretrain source {directory}: no .txt/.jsonl files for split {split!r}")
+        dataset = tf.data.Dataset.from_generator(
+            lambda: ({text_field: doc} for doc in iter_documents(files, text_field)),
+            output_signature={text_field: tf.TensorSpec((), tf.string)},
+        )
+        return _mark_eval(dataset, split)
+
+    return seqio.FunctionDataSource(dataset_fn=dataset_fn, splits=tuple(splits))
+
+
+class _TfdsTextSource(seqio.TfdsDataSource):
+    """seqio's lazy TFDS source (file-level sharding kept), with evaluation splits tagged."""
+
+    def get_dataset(self, split: str = "train", *args, **kwargs) -> tf.data.Dataset:
+        return _mark_eval(super().get_dataset(split, *args, **kwargs), split)
+
+
+def _tfds_source(name: str, splits: Sequence[str], tfds_data_dir: str | None) -> seqio.DataSource:
+    # Nothing is opened here: seqio's LazyTfdsLoader touches TFDS only when a split is read.
+    return _TfdsTextSource(tfds_name=name, tfds_data_dir=tfds_data_dir, splits=tuple(splits))
+
+
+def make_source(source: str, splits: Sequence[str] = ("train",), text_field: str = "text",
+                tfds_data_dir: str | None = None) -> seqio.DataSource:
+    """'tfds:<name>' -> a lazy TFDS source; an existing directory -> its .txt/.jsonl files."""
+    if source.startswith("tfds:"):
+        name = source[len("tfds:"):]
+        if not name:
+            raise ValueError("pretrain source 'tfds:' needs a dataset name, e.g. 'tfds:c4/en'")
+        if ":" not in name:  # seqio needs a version
+            if name not in DEFAULT_TFDS_VERSIONS:
+                raise ValueError(f"pretrain source {source!r}: give the TFDS version, e.g. 'tfds:{name}:1.0.0'")
+            name = f"{name}:{DEFAULT_TFDS_VERSIONS[name]}"
+        return _tfds_source(name, splits, tfds_data_dir)
+    if os.path.isdir(source):
+        return _directory_source(source, splits, text_field)
+    raise FileNotFoundError(f"pretrain source {source!r} is not a directory; use 'tfds:<name>' (e.g. 'tfds:c4/en') "
+                            f"for a TFDS dataset")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The preprocessor and the registration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cut_preprocessor(seed: int, config: CutConfig, text_field: str = "text"):
+    """A SeqIO preprocessor: {text_field: doc} -> the string features (too-short documents dropped); eval
+    splits also get `references` = [targets]."""
+
+    def cut(text: bytes):
+        ex = example_from_document(text.decode("utf-8"), seed, config)
+        if ex is None:
+            return b"", b"", b"", False
+        return ex[F.HYPER_INPUTS].encode(), ex[F.INPUTS].encode(), ex[F.TARGETS].encode(), True
+
+    @seqio.map_over_dataset
+    def to_features(ex):
+        a, b, c, ok = tf.numpy_function(cut, [ex[text_field]], [tf.string, tf.string, tf.string, tf.bool],
+                                        stateful=False)
+        out = {F.HYPER_INPUTS: a, F.INPUTS: b, F.TARGETS: c, "_ok": ok}
+        for v in out.values():
+            v.set_shape(())
+        out[F.FULL_INPUTS] = tf.strings.join([a, b], separator=" ")
+        out[F.TASK_NAME] = tf.constant(TASK_NAME)
+        return out
+
+    def preprocess(dataset: tf.data.Dataset) -> tf.data.Dataset:
+        with_references = _EVAL_MARKER in dataset.element_spec
+        dataset = to_features(dataset).filter(lambda ex: ex["_ok"])
+
+        def finish(ex):
+            out = {k: v for k, v in ex.items() if k != "_ok"}
+            if with_references:
+                out[F.REFERENCES] = tf.expand_dims(out[F.TARGETS], 0)
+            return out
+
+        return dataset.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+
+    return preprocess
+
+
+def register_pretrain(
+    source: str,
+    vocabulary,
+    name: str = TASK_NAME,
+    seed: int = 0,
+    *,
+    splits: Sequence[str] = ("train",),
+    min_words: int = 16,
+    max_words: int | None = None,
+    a_fraction: tuple[float, float] = (0.2, 0.5),
+    b_fraction: tuple[float, float] = (0.2, 0.4),
+    text_field: str = "text",
+    tfds_data_dir: str | None = None,
+) -> seqio.Task:
+    """Register the a | b | c pretraining task `name` over `source` (see the module docstring).
+
+    Nothing is read at registration: a TFDS source (e.g. 'tfds:c4/en') is opened when a split is requested.
+    Splits in ("validation", "test") also carry `references`.
+    """
+    config = CutConfig(min_words=min_words, max_words=max_words, a_fraction=tuple(a_fraction),
+                       b_fraction=tuple(b_fraction))
+    config.validate()
+    data_source = make_source(source, splits, text_field, tfds_data_dir)
+    preprocessors = [cut_preprocessor(seed, config, text_field)]
+    return common.register_task(name, data_source, vocabulary, preprocessors=preprocessors)
