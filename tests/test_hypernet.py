@@ -1,0 +1,315 @@
+"""The hypernetwork and the TAGI module: shapes, names, zero-ΔW init with live gradients, every loss term
+training the hypernetwork, padding-aware pooling, fusion wiring, separate encoder, and the pure functions
+against the plain T5.
+
+Compilation dominates on CPU: one parameter init per module, shapes checked abstractly (`jax.eval_shape`),
+and every compiled function cached by (function, model config).
+"""
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tagi_jax import features as F
+from tagi_jax import losses, partitioning
+from tagi_jax.models import lora, tagi
+from tagi_jax.models.hypernet import HyperNetConfig, masked_mean_pool, target_spec
+from tagi_jax.models.t5 import T5
+from tagi_jax.models.t5_config import tiny_config
+
+T5CFG = tiny_config()
+HYPER = HyperNetConfig(rank=4, lora_alpha=8.0, hidden_dim=16, embed_dim=8, dropout_rate=0.0)
+CONFIG = tagi.TAGIConfig(t5=T5CFG, hypernet=HYPER, num_teachers=3, teacher_rank=4, teacher_alpha=4.0)
+NO_FUSION = dataclasses.replace(CONFIG, fusion="none")
+B, LEN = 2, 7
+
+
+def _tokens(rng, shape, min_len):
+    """Random ids with a random amount of trailing padding (at least `min_len` real tokens)."""
+    toks = rng.integers(3, T5CFG.vocab_size, size=shape)
+    for row in toks:
+        row[rng.integers(min_len, shape[1] + 1):] = 0
+    return toks.astype(np.int32)
+
+
+def make_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    targets = _tokens(rng, (B, 5), 2)
+    dec_in = np.concatenate([np.zeros((B, 1), np.int32), targets[:, :-1]], axis=1)
+    return {
+        F.ENCODER_INPUT_TOKENS: _tokens(rng, (B, LEN), 2),
+        F.HYPER_ENCODER_INPUT_TOKENS: _tokens(rng, (B, LEN), 2),
+        F.FULL_ENCODER_INPUT_TOKENS: _tokens(rng, (B, LEN), 4),
+        F.DECODER_INPUT_TOKENS: dec_in,
+        F.DECODER_TARGET_TOKENS: targets,
+        F.DECODER_LOSS_WEIGHTS: (targets > 0).astype(np.float32),
+        F.TASK_ID: np.array([2, 0], np.int32),
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def jitted(name, config):
+    """tagi.<name>(TAGI(config), ...) compiled once per (function, config)."""
+    return jax.jit(functools.partial(getattr(tagi, name), tagi.TAGI(config)))
+
+
+def randomize_b(params, seed=1, std=0.3):
+    """'Trained-like' parameters: every B factor head (and teacher B) random, everything else unchanged."""
+    rng = np.random.default_rng(seed)
+
+    def visit(path, x):
+        leaf = jax.tree_util.keystr(path).split("'")[-2]
+        return (std * rng.normal(size=x.shape)).astype(np.float32) if leaf.startswith("B") else x
+
+    return jax.tree_util.tree_map_with_path(visit, params)
+
+
+@pytest.fixture(scope="module")
+def boxed():
+    return jax.jit(lambda r: tagi.init_params(CONFIG, r))(jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def params(boxed):
+    return nn.meta.unbox(boxed)
+
+
+@pytest.fixture(scope="module")
+def trained(params):
+    return randomize_b(params)
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_config_validation_names_the_key():
+    with pytest.raises(NotImplementedError, match="fusion='encoder_cross_attention'"):
+        dataclasses.replace(CONFIG, fusion="encoder_cross_attention")
+    with pytest.raises(ValueError, match="tagi.fusion"):
+        dataclasses.replace(CONFIG, fusion="concat")
+    with pytest.raises(ValueError, match="decoder_ffn.wi"):  # the tiny T5 is gated: 'wi' does not exist
+        dataclasses.replace(CONFIG, hypernet=HYPER.replace(adapter_targets=("decoder_ffn.wi",)))
+    with pytest.raises(ValueError, match="adapter_targets"):
+        HYPER.replace(adapter_targets=("encoder.q",))
+    with pytest.raises(ValueError, match="hypernet.rank"):
+        HYPER.replace(rank=0)
+    with pytest.raises(ValueError, match="hypernet: unknown keys"):
+        HyperNetConfig.from_dict({"rank": 4, "rnak": 3})
+    with pytest.raises(ValueError, match="tagi.num_teachers"):
+        dataclasses.replace(CONFIG, num_teachers=-1)
+    assert tagi.TAGIConfig.from_dict(CONFIG.to_dict()) == CONFIG
+
+
+# ------------------------------------------------------------------------------------------ params / shapes
+def test_every_parameter_named_and_placed_on_a_mesh(boxed, params):
+    assert partitioning.unnamed_parameters(boxed) == []
+    specs = partitioning.params_logical_specs(boxed)
+    head = specs["hypernet"]["decoder_cross.v"]
+    assert tuple(head["A_kernel"]) == ("hyper_hidden", "embed", "lora_rank")
+    assert tuple(head["B_kernel"]) == ("hyper_hidden", "lora_rank", "joined_kv")
+    assert tuple(specs["hypernet"]["layer_embedding"]) == ("layers", "adapter_embed")
+    assert tuple(specs["teachers"]["encoder_self.q"]["A"]) == ("tasks", "layers", "embed", "lora_rank")
+    # The logical names map to valid shardings of a (4, 2) fake-device mesh with FSDP rules.
+    mesh = partitioning.create_mesh(4, 2, jax.devices()[:8])
+    rules = partitioning.logical_axis_rules(fsdp=True)
+    mesh_specs = partitioning.logical_to_mesh_specs(specs, rules)
+    assert tuple(mesh_specs["hypernet"]["encoder_self.q"]["B_kernel"]) == (None, None, "model")
+    assert tuple(mesh_specs["hypernet"]["encoder_self.q"]["A_kernel"]) == ("model", "data", None)
+    placed = jax.device_put(params, partitioning.mesh_shardings(mesh, mesh_specs))
+    np.testing.assert_array_equal(placed["hypernet"]["encoder_self.q"]["A_kernel"],
+                                  params["hypernet"]["encoder_self.q"]["A_kernel"])
+
+
+def test_generated_shapes_for_every_kind_of_target():
+    targets = ("encoder_self.k", "encoder_self.o", "decoder_cross.v", "encoder_ffn.wi_0", "decoder_ffn.wi_1",
+               "decoder_ffn.wo")
+    t5 = tiny_config(num_decoder_layers=3, d_kv=6)  # inner (24) != d_model (32), depth differs per stack
+    cfg = tagi.TAGIConfig(t5=t5, hypernet=HYPER.replace(adapter_targets=targets, share_generator_across_layers=False),
+                          fusion="none")
+    toks = make_batch()[F.HYPER_ENCODER_INPUT_TOKENS]
+    p = jax.eval_shape(lambda r: nn.meta.unbox(tagi.init_params(cfg, r)), jax.random.key(1))
+    adapters, states, mask = jax.eval_shape(functools.partial(tagi.generate_adapters, tagi.TAGI(cfg)), p, toks)
+    assert set(adapters) == set(targets)
+    lora.check_adapters(t5, adapters, batch=B)  # the backbone's own contract check
+    for target in targets:
+        layers, d_in, d_out = lora.adapter_dims(t5, target)
+        assert adapters[target]["A"].shape == (B, layers, d_in, 4)
+        assert adapters[target]["B"].shape == (B, layers, 4, d_out)
+        # One generator per layer: the heads carry a layer axis.
+        assert p["hypernet"][target]["A_kernel"].shape == (layers, 16, d_in, 4)
+        assert p["hypernet"][target]["B_kernel"].shape == (layers, 16, 4, d_out)
+    assert target_spec(t5, "encoder_self.o").in_axis == "joined_kv"
+    assert states.shape == (B, LEN, t5.d_model) and mask.shape == (B, LEN)
+
+
+# ------------------------------------------------------------------------------------------ init
+def test_zero_delta_at_init_and_student_starts_as_backbone(params):
+    batch = make_batch()
+    adapters, _, _ = jitted("generate_adapters", CONFIG)(params, batch[F.HYPER_ENCODER_INPUT_TOKENS])
+    for target, entry in adapters.items():
+        assert not np.any(np.asarray(lora.delta_weight(entry)))  # exactly zero
+        assert np.asarray(entry["A"]).std() > 0.1 / np.sqrt(target_spec(T5CFG, target).d_in)  # A is alive
+        assert float(entry["scale"]) == 2.0
+    # Without fusion the student at init is exactly the backbone on the instance input.
+    np.testing.assert_allclose(jitted("student_logits", NO_FUSION)(params, batch),
+                               jitted("no_instruction_logits", CONFIG)(params, batch), rtol=1e-6, atol=1e-6)
+
+
+@jax.jit
+def term_grads(p, batch):
+    """d[CE, KL(teacher‖student), L_ins]/d hypernet params: one compiled function for all gradient tests."""
+    model = tagi.TAGI(CONFIG)
+
+    def terms(hyper):
+        full = dict(p, hypernet=hyper)
+        logits, adapters = tagi.student_forward(model, full, batch)
+        weights = batch[F.DECODER_LOSS_WEIGHTS]
+        ce = losses.cross_entropy(logits, batch[F.DECODER_TARGET_TOKENS], weights)[0]
+        kl = losses.distillation_kl(logits, tagi.teacher_logits(model, full, batch), weights, 2.0)
+        l_ins = losses.adapter_alignment(adapters, tagi.teacher_adapters(model, full, batch[F.TASK_ID]))
+        return jnp.stack([ce, kl, l_ins])
+
+    return jax.jacrev(terms)(p["hypernet"])
+
+
+TERMS = ("cross_entropy", "kl", "l_ins")
+
+
+def _norms(grads, key, term):
+    return [float(np.linalg.norm(grads[t][key][term])) for t in HYPER.adapter_targets]
+
+
+def test_gradients_reach_both_heads_and_each_term_trains_the_hypernetwork(params, trained):
+    """LoRA-style init: B heads learn at step 0, A heads from step 1 (no saddle at A = B = 0); and every
+    loss term (CE, KL, L_ins) sends gradient to the hypernetwork."""
+    batch = make_batch()
+    # At init; the teachers are 'trained' (random B) so KL and L_ins have something to match.
+    start = dict(params, teachers=trained["teachers"])
+    g0 = term_grads(start, batch)
+    for term, name in enumerate(TERMS):
+        assert all(n > 0 for n in _norms(g0, "B_kernel", term)), name
+        assert all(n == 0 for n in _norms(g0, "A_kernel", term)), name  # ∝ B = 0 at init, as in any LoRA
+    # One SGD step on CE, then the A heads get gradient too.
+    stepped = dict(start, hypernet=jax.tree.map(lambda p, g: p - 0.5 * g[0], start["hypernet"], g0))
+    g1 = term_grads(stepped, batch)
+    assert all(n > 0 for n in _norms(g1, "A_kernel", 0))
+    # Later in training, every term reaches every hypernetwork parameter.
+    g = term_grads(trained, batch)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(g)[0]:
+        for term, name in enumerate(TERMS):
+            assert np.any(np.asarray(leaf[term])), (name, jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------------------------------------------ pooling
+def test_masked_mean_pool_matches_numpy():
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(3, 5, 4)).astype(np.float32)
+    toks = np.array([[5, 6, 0, 0, 0], [7, 8, 9, 10, 11], [0, 0, 0, 0, 0]])
+    got = np.asarray(jax.jit(masked_mean_pool)(states, toks))
+    np.testing.assert_allclose(got[0], states[0, :2].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(got[1], states[1].mean(0), rtol=1e-6)
+    np.testing.assert_array_equal(got[2], 0.0)
+
+
+def test_adapters_do_not_depend_on_batch_padding(trained):
+    """Appending padding to the instructions changes nothing (the original averaged over padding)."""
+    gen = jitted("generate_adapters", CONFIG)
+    toks = make_batch()[F.HYPER_ENCODER_INPUT_TOKENS]
+    short, _, _ = gen(trained, toks)
+    long, states, mask = gen(trained, np.pad(toks, ((0, 0), (0, 6))))
+    for target in short:
+        for key in ("A", "B"):
+            np.testing.assert_allclose(long[target][key], short[target][key], rtol=1e-5, atol=1e-6)
+    assert states.shape[1] == LEN + 6 and not np.any(np.asarray(mask)[:, LEN:])
+    # ... while the generated adapters do depend on the instruction.
+    other, _, _ = gen(trained, make_batch(seed=5)[F.HYPER_ENCODER_INPUT_TOKENS])
+    assert not np.allclose(other["encoder_self.q"]["B"], short["encoder_self.q"]["B"], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ fusion / encoder
+def test_prepend_fusion_feeds_the_instruction_to_the_decoder(params):
+    batch = make_batch()
+    changed = dict(batch, **{F.HYPER_ENCODER_INPUT_TOKENS: make_batch(seed=7)[F.HYPER_ENCODER_INPUT_TOKENS]})
+    prepend, none = jitted("student_logits", CONFIG), jitted("student_logits", NO_FUSION)
+    # At init (ΔW = 0) the instruction reaches the student only through fusion.
+    assert np.abs(np.asarray(prepend(params, batch)) - np.asarray(prepend(params, changed))).max() > 1e-3
+    np.testing.assert_allclose(none(params, batch), none(params, changed), rtol=1e-6, atol=1e-6)
+    # Prepend fusion = T5.decode with the instruction states as extra encoder states (plain T5 reference).
+    adapters, states, mask = jitted("generate_adapters", CONFIG)(params, batch[F.HYPER_ENCODER_INPUT_TOKENS])
+    t5 = T5(T5CFG)
+
+    @jax.jit
+    def reference(p5, batch, states, mask):
+        enc = t5.apply({"params": p5}, batch[F.ENCODER_INPUT_TOKENS], method=T5.encode)
+        return t5.apply({"params": p5}, enc, batch[F.ENCODER_INPUT_TOKENS], batch[F.DECODER_INPUT_TOKENS],
+                        batch[F.DECODER_TARGET_TOKENS], extra_encoder_states=states, extra_encoder_mask=mask,
+                        method=T5.decode)
+
+    want = reference(params["t5"], batch, states, mask)
+    np.testing.assert_allclose(prepend(params, batch), want, rtol=1e-5, atol=1e-5)
+    # student_decoding_inputs hands predict() the adapters and fusion states (None without fusion).
+    for cfg, fused in ((CONFIG, True), (NO_FUSION, False)):
+        inputs = jax.eval_shape(functools.partial(tagi.student_decoding_inputs, tagi.TAGI(cfg)), params, batch)
+        assert set(inputs["adapters"]) == set(HYPER.adapter_targets)
+        assert (inputs["extra_encoder_states"] is not None) == fused
+        assert inputs["encoder_input_tokens"].shape == (B, LEN)
+
+
+def test_separate_hyper_encoder(trained):
+    cfg = dataclasses.replace(CONFIG, separate_hyper_encoder=True)
+    shapes = jax.eval_shape(lambda r: nn.meta.unbox(tagi.init_params(cfg, r)), jax.random.key(2))
+    assert set(shapes["hyper_encoder"]) == {"token_embedder", "encoder"}  # no unused decoder
+    assert jax.tree.map(jnp.shape, shapes["hyper_encoder"]["encoder"]) == \
+        jax.tree.map(jnp.shape, trained["t5"]["encoder"])
+    # The separate encoder starts as a copy of the backbone's (e.g. both imported), then they may diverge.
+    p = dict(trained, hyper_encoder={k: trained["t5"][k] for k in ("token_embedder", "encoder")})
+    gen = jitted("generate_adapters", cfg)
+    toks = make_batch()[F.HYPER_ENCODER_INPUT_TOKENS]
+    base, _, _ = gen(p, toks)
+    shared, _, _ = jitted("generate_adapters", CONFIG)(trained, toks)
+    np.testing.assert_allclose(base["encoder_self.v"]["B"], shared["encoder_self.v"]["B"], rtol=1e-5, atol=1e-6)
+    # Changing the backbone's encoder does not change the generated adapters; changing the hyper encoder does.
+    same, _, _ = gen(dict(p, t5=jax.tree.map(lambda x: np.asarray(x) * 1.5, p["t5"])), toks)
+    np.testing.assert_allclose(same["encoder_self.v"]["B"], base["encoder_self.v"]["B"], rtol=1e-6)
+    moved, _, _ = gen(dict(p, hyper_encoder=jax.tree.map(lambda x: np.asarray(x) * 1.5, p["hyper_encoder"])), toks)
+    assert not np.allclose(moved["encoder_self.v"]["B"], base["encoder_self.v"]["B"], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ pure functions
+def test_teacher_concat_and_no_instruction_against_plain_t5(trained):
+    p, batch = trained, make_batch()
+    t5 = T5(T5CFG)
+    apply = jax.jit(lambda p5, enc, dec_in, dec_tgt, adapters: t5.apply({"params": p5}, enc, dec_in, dec_tgt,
+                                                                         adapters=adapters))
+    ids = batch[F.TASK_ID]
+    own = {t: {"A": np.asarray(p["teachers"][t]["A"])[ids], "B": np.asarray(p["teachers"][t]["B"])[ids],
+               "scale": np.float32(1.0)} for t in HYPER.adapter_targets}
+    none = {t: dict(e, B=np.zeros_like(e["B"])) for t, e in own.items()}  # ΔW = 0: the plain backbone
+    run = lambda enc, adapters: apply(p["t5"], enc, batch[F.DECODER_INPUT_TOKENS], batch[F.DECODER_TARGET_TOKENS],
+                                      adapters)
+    full = batch[F.FULL_ENCODER_INPUT_TOKENS]
+    want_teacher = run(full, own)
+    np.testing.assert_allclose(jitted("teacher_logits", CONFIG)(p, batch), want_teacher, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(want_teacher) - np.asarray(run(full, none))).max() > 1e-3  # the teacher matters
+    np.testing.assert_allclose(jitted("concat_logits", CONFIG)(p, batch), run(full, none), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jitted("no_instruction_logits", CONFIG)(p, batch),
+                               run(batch[F.ENCODER_INPUT_TOKENS], none), rtol=1e-5, atol=1e-5)
+    adapters = jitted("teacher_adapters", CONFIG)(p, ids)
+    np.testing.assert_array_equal(adapters["decoder_self.q"]["B"], own["decoder_self.q"]["B"])
+    with pytest.raises(KeyError, match="full_encoder_input_tokens"):
+        tagi.teacher_logits(tagi.TAGI(CONFIG), p, {k: v for k, v in batch.items() if k != F.FULL_ENCODER_INPUT_TOKENS})
+
+
+def test_dropout_only_with_rng(trained):
+    cfg = dataclasses.replace(CONFIG, t5=tiny_config(dropout_rate=0.3), hypernet=HYPER.replace(dropout_rate=0.3))
+    gen = jitted("generate_adapters", cfg)
+    toks = make_batch()[F.HYPER_ENCODER_INPUT_TOKENS]
+    det, _, _ = gen(trained, toks)
+    ref, _, _ = jitted("generate_adapters", CONFIG)(trained, toks)  # the same parameters without dropout
+    np.testing.assert_allclose(det["decoder_self.v"]["B"], ref["decoder_self.v"]["B"], rtol=1e-6)
+    r1, _, _ = gen(trained, toks, rng=jax.random.key(1))
+    r2, _, _ = gen(trained, toks, rng=jax.random.key(2))
+    assert not np.allclose(r1["decoder_self.v"]["B"], r2["decoder_self.v"]["B"])
+    assert not np.allclose(r1["decoder_self.v"]["B"], det["decoder_self.v"]["B"])
