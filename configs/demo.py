@@ -27,7 +27,7 @@ def get_config():
     c.data.lengths.update(dict(inputs=80, hyper_inputs=288, full_inputs=352, targets=32))
     c.data.synthetic.update(dict(seed=0, num_train_tasks=120, num_unseen_tasks=30,
                                  train_instances_per_task=100, eval_instances_per_task=20))
-    c.data.pretrain.lengths.update(dict(inputs=64, hyper_inputs=128, full_inputs=192, targets=64))
+    c.data.pretrain.lengths.update(dict(inputs=80, hyper_inputs=96, full_inputs=160, targets=96))
 
     steps = dict(backbone=300, teachers=150, pretrain=150, finetune=400, concat=700, no_instruction=400,
                  hint=400)

@@ -27,6 +27,12 @@ def main(argv):
     from tagi_jax.config import ConfigError
     from tagi_jax.trainer import initialize_distributed
 
+    import jax
+
+    # Persistent XLA cache: a re-run (or the next stage with an identical step) skips compilation.
+    jax.config.update("jax_compilation_cache_dir",
+                      os.environ.get("TAGI_JAX_CACHE", os.path.expanduser("~/.cache/tagi_jax/xla")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     config = _CONFIG.value
     initialize_distributed(config)
     start = time.time()

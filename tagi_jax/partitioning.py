@@ -8,6 +8,7 @@ also split over `data` (T5X's 2D parameter partitioning).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -61,6 +62,15 @@ def create_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | 
         )
     grid = np.asarray(devices).reshape(data, model)
     return Mesh(grid, MESH_AXES)
+
+
+def mesh_context(mesh: Mesh, rules) -> contextlib.AbstractContextManager:
+    """The mesh and logical axis rules that `nn.with_logical_constraint` inside models resolves against
+    (`jax.set_mesh` is the current spelling of the deprecated `with mesh:`)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(rules))
+    return stack
 
 
 def logical_to_mesh_specs(logical_specs: Any, rules) -> Any:
@@ -134,7 +144,7 @@ def sharded_init(
     logical = params_logical_specs(abstract)
     mesh_specs = logical_to_mesh_specs(logical, rules)
     shardings = mesh_shardings(mesh, mesh_specs)
-    with mesh, nn.logical_axis_rules(rules):
+    with mesh_context(mesh, rules):
         boxed = jax.jit(init_fn, out_shardings=shardings)(*args)
     return nn.meta.unbox(boxed), mesh_specs, logical
 

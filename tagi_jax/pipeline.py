@@ -39,7 +39,7 @@ from tagi_jax import data as data_lib
 from tagi_jax import features as F
 from tagi_jax import losses
 from tagi_jax import trainer as trainer_lib
-from tagi_jax.config import ConfigError, get_key
+from tagi_jax.config import ConfigError, get_key, require_choice
 from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.models.hypernet import HyperNetConfig
 from tagi_jax.models.t5_config import T5Config
@@ -110,6 +110,9 @@ def default_config() -> config_dict.ConfigDict:
         "lambda_ins": "sigmoid",  # "sigmoid" (the paper: λ2 = sigmoid(L_ins)) or a number as a string
         "temperature": 1.0,
         "alignment": "delta",  # "delta" (ΔW matrices) or "factor" (factor-wise MSE, the original code)
+        # "mean": per-element mean of ‖ΔW_gen − ΔW_teacher‖² per target (an MSE, comparable across model
+        # sizes), summed over targets; "sum": the summed squared Frobenius norm over layers and targets.
+        "alignment_reduction": "mean",
         "kl_teacher": "lora_teachers",  # or "concat": the instruction-concatenation stage's model
     })
     c.mesh = base.mesh
@@ -134,16 +137,13 @@ def default_config() -> config_dict.ConfigDict:
     return c
 
 
-def tagi_config(config: config_dict.ConfigDict, num_teachers: int) -> tagi_lib.TAGIConfig:
-    """The model config: backbone (from the checkpoint's config.json when importing), hypernet, fusion."""
-    model = config.model.to_dict()
-    checkpoint = model.pop("checkpoint", "")
-    if checkpoint:
-        from tagi_jax import hf
-
-        t5 = hf.read_t5_config(checkpoint).replace(
-            dtype=model["dtype"], param_dtype=model["param_dtype"], dropout_rate=model["dropout_rate"])
-    else:
+def tagi_config(config: config_dict.ConfigDict, num_teachers: int, t5: T5Config | None = None
+                ) -> tagi_lib.TAGIConfig:
+    """The model config: backbone (`t5`, e.g. read from an imported checkpoint, else `config.model`),
+    hypernetwork, fusion and teachers."""
+    if t5 is None:
+        model = config.model.to_dict()
+        model.pop("checkpoint", None)
         try:
             t5 = T5Config(**model)
         except (TypeError, ValueError) as e:
@@ -160,7 +160,7 @@ def tagi_config(config: config_dict.ConfigDict, num_teachers: int) -> tagi_lib.T
 
 def validate(config: config_dict.ConfigDict) -> None:
     """Stop before any work on settings that cannot run together; every message names the key."""
-    from tagi_jax.config import require_choice, validate_trainer_config
+    from tagi_jax.config import validate_trainer_config
 
     stages = tuple(config.pipeline.stages)
     for s in stages:
@@ -170,7 +170,9 @@ def validate(config: config_dict.ConfigDict) -> None:
         if m not in METHODS:
             raise ConfigError(f"config key 'pipeline.evaluate': unknown method {m!r} (known: {METHODS})")
     require_choice(config, "tagi.teachers_per", ("task", "category"))
+    _validate_data_paths(config)
     require_choice(config, "loss.alignment", ("delta", "factor"))
+    require_choice(config, "loss.alignment_reduction", ("mean", "sum"))
     require_choice(config, "loss.kl_teacher", KL_TEACHERS)
     _lambda_ins(config)
     if config.loss.temperature <= 0:
@@ -178,6 +180,10 @@ def validate(config: config_dict.ConfigDict) -> None:
     if config.model.checkpoint:
         from tagi_jax.config import require_path
         require_path(config, "model.checkpoint", kind="dir")
+    elif "backbone" not in stages and any(
+            not config.stages[s].init_from for s in stages if s not in ("finetune",)):
+        raise ConfigError("config key 'model.checkpoint' is empty and 'backbone' is not in 'pipeline.stages': "
+                          "name a Hugging Face T5 directory to start from (or pretrain one with the backbone stage)")
     for s in stages:
         section = config.stages[s]
         src = section.init_from
@@ -186,13 +192,24 @@ def validate(config: config_dict.ConfigDict) -> None:
         if s == "backbone" and config.model.checkpoint:
             raise ConfigError("config key 'pipeline.stages' runs 'backbone' (pretraining from scratch) although "
                               "'model.checkpoint' imports one; drop one of them")
-        stage_cfg = _stage_trainer_config(config, s)
-        try:
-            validate_trainer_config(stage_cfg)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("'train.", f"'stages.{s}.train.").replace(
-                "'optimizer.", f"'stages.{s}.optimizer.")) from None
-    tagi_config(config, num_teachers=1)  # model settings are checked by the dataclasses
+        validate_trainer_config(_stage_trainer_config(config, s), section_names=_section_names(s))
+    if not config.model.checkpoint:
+        tagi_config(config, num_teachers=1)  # model settings are checked by the dataclasses
+
+
+def _validate_data_paths(config) -> None:
+    from tagi_jax.config import require_path
+
+    benchmark = require_choice(config, "data.benchmark", data_lib.BENCHMARKS)
+    if config.data.vocabulary != "byte":
+        require_path(config, "data.vocabulary", kind="file")
+    if benchmark == "sni":
+        require_path(config, "data.sni.dir", kind="dir")
+    source = config.data.pretrain.source
+    if source and not source.startswith("tfds:"):
+        require_path(config, "data.pretrain.source", kind="dir")
+    if benchmark != "synthetic" and not source and {"backbone", "pretrain"} & set(config.pipeline.stages):
+        raise ConfigError("config key 'data.pretrain.source' is empty: name a text directory or 'tfds:c4/en'")
 
 
 def _lambda_ins(config) -> float | str:
@@ -222,11 +239,18 @@ def _stage_trainer_config(config, stage: str) -> config_dict.ConfigDict:
     })
 
 
+def _section_names(stage: str) -> dict[str, str]:
+    """How the trainer's sections are called in the run config (for error messages)."""
+    return {"train": f"stages.{stage}.train", "optimizer": f"stages.{stage}.optimizer"}
+
+
 def _frozen_patterns(stage: str) -> tuple[str, ...]:
     trains = STAGE_TRAINS[stage]
     subtrees = ("t5", "hypernet", "hyper_encoder", "teachers")
     prefix = "student/" if stage == "finetune" else ""
-    frozen = tuple(f"^{prefix}{s}/" for s in subtrees if s not in trains)
+    names = [s for s in subtrees if s not in trains]
+    # One alternation, so a subtree the model lacks (hyper_encoder, teachers) is not a no-match error.
+    frozen = (f"^{prefix}({'|'.join(names)})/",) if names else ()
     if stage == "finetune":
         frozen += ("^teacher/",)
     return frozen
@@ -247,6 +271,19 @@ def _adapter_sq_norm(adapters) -> jax.Array:
     """Mean over the batch of Σ_targets,layers ‖scale·A·B‖²_F (a zero 'teacher' in the alignment identity)."""
     zeros = jax.tree.map(jnp.zeros_like, adapters)
     return losses.adapter_alignment(adapters, zeros, mode="delta")
+
+
+def alignment_loss(generated, teacher, mode: str, reduction: str) -> jax.Array:
+    """L_ins with the configured reduction (see `loss.alignment_reduction`)."""
+    if reduction == "sum" or mode == "factor":
+        return losses.adapter_alignment(generated, teacher, mode=mode)
+    total = jnp.zeros((), jnp.float32)
+    for target in sorted(generated):
+        a, b = generated[target]["A"], generated[target]["B"]
+        entries = a.shape[-3] * a.shape[-2] * b.shape[-1]  # layers · d_in · d_out
+        total = total + losses.adapter_alignment({target: generated[target]}, {target: teacher[target]},
+                                                 mode=mode) / entries
+    return total
 
 
 def make_loss_fn(stage: str, config, model: tagi_lib.TAGI, task_to_teacher: np.ndarray | None):
@@ -292,7 +329,8 @@ def make_loss_fn(stage: str, config, model: tagi_lib.TAGI, task_to_teacher: np.n
                 kl = losses.distillation_kl(logits, t_logits, _weights(batch), config.loss.temperature)
             if use_ins:
                 t_adapters = tagi_lib.teacher_adapters(model, teacher, tbatch[F.TASK_ID])
-                l_ins = losses.adapter_alignment(generated, t_adapters, mode=config.loss.alignment)
+                l_ins = alignment_loss(generated, t_adapters, config.loss.alignment,
+                                       config.loss.alignment_reduction)
             total, terms = losses.total_loss(ce, kl, l_ins, lambda_kl=float(config.loss.lambda_kl),
                                              lambda_ins=lambda_ins)
             metrics.update({k: v for k, v in terms.items() if k != "total"})
@@ -367,26 +405,33 @@ def _set(tree, path, value):
     return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
 
 
-def build_initial_params(stage: str, config, workdir: str, trainer: trainer_lib.Trainer,
-                         hf_params: Any | None) -> Callable[[], Any] | None:
-    """A thunk giving the stage's starting parameters: fresh init overlaid with earlier stages' outputs
-    (and the imported Hugging Face backbone), or None for a plain fresh init."""
+def _placed(host_tree, abstract_tree):
+    """Host (numpy) parameters -> float32 arrays with the abstract tree's shardings."""
+    return jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, np.float32), a.sharding), host_tree, abstract_tree)
+
+
+def build_initial_params(stage: str, ctx: "RunContext", trainer: trainer_lib.Trainer) -> Callable[[], Any] | None:
+    """A thunk giving the stage's starting parameters: the run's one fresh initialisation overlaid with earlier
+    stages' outputs (and the imported Hugging Face backbone), or None for a plain fresh init."""
+    config, workdir, hf_params = ctx.config, ctx.workdir, ctx.hf_params
     sources = _initial_sources(stage, config)
     needs_hf = hf_params is not None and not any(t[-1] == "t5" for _, _, t in sources)
-    if not sources and not needs_hf:
-        return None
     for src, _, _ in sources:
         _require_stage_output(workdir, src, stage)
 
     def thunk():
-        with trainer.context():
-            params = jax.jit(lambda r: nn.meta.unbox(trainer.init_fn(r)),
-                             out_shardings=trainer.param_shardings)(trainer._init_rng)
+        if stage == "finetune":
+            params = {"student": ctx.fresh_params(), "teacher": ctx.fresh_params()}
+        else:
+            params = ctx.fresh_params()
         if needs_hf:
-            for prefix in ([("student", "t5"), ("teacher", "t5")] if stage == "finetune" else [("t5",)]):
-                params = _set(params, prefix, jax.tree.map(
-                    lambda x, a: jax.device_put(np.asarray(x, np.float32), a.sharding),
-                    hf_params, _get(trainer.abstract_params, prefix)))
+            roots = [("student",), ("teacher",)] if stage == "finetune" else [()]
+            for root in roots:
+                params = _set(params, root + ("t5",), _placed(hf_params, _get(trainer.abstract_params, root + ("t5",))))
+                if config.tagi.separate_hyper_encoder:  # the instruction encoder starts as the imported encoder
+                    sub = {k: hf_params[k] for k in ("token_embedder", "encoder")}
+                    path = root + ("hyper_encoder",)
+                    params = _set(params, path, _placed(sub, _get(trainer.abstract_params, path)))
         by_source: dict[str, list] = {}
         for src, sp, tp in sources:
             by_source.setdefault(src, []).append((sp, tp))
@@ -411,7 +456,21 @@ class RunContext:
     model_cfg: tagi_lib.TAGIConfig
     model: tagi_lib.TAGI
     task_to_teacher: np.ndarray
+    mesh: Any
+    rules: Any
     hf_params: Any = None
+    _fresh: Any = None
+
+    def fresh_params(self):
+        """A copy of the run's one sharded fresh initialisation of the TAGI tree (compiled once, shared by every
+        stage). A copy, because the trainer donates the state it starts from."""
+        if self._fresh is None:
+            from tagi_jax import partitioning
+
+            rng = jax.random.fold_in(jax.random.key(int(self.config.seed)), 7)
+            self._fresh, _, _ = partitioning.sharded_init(
+                lambda r: tagi_lib.init_params(self.model_cfg, r), self.mesh, self.rules, rng)
+        return jax.tree.map(lambda x: x.copy(), self._fresh)
 
 
 def prepare(config: config_dict.ConfigDict, workdir: str) -> RunContext:
@@ -422,20 +481,28 @@ def prepare(config: config_dict.ConfigDict, workdir: str) -> RunContext:
     per = config.tagi.teachers_per
     rows = info.teacher_index(per)
     task_to_teacher = np.asarray([rows[t] for t in info.train_task_names], np.int32)
-    model_cfg = tagi_config(config, num_teachers=len(info.teacher_keys(per)))
-    hf_params = None
+    hf_params = t5 = None
     if config.model.checkpoint:
         from tagi_jax import hf
 
-        _, hf_params = hf.load_t5(config.model.checkpoint)
+        t5, hf_params = hf.load_t5(config.model.checkpoint, dtype=config.model.dtype)
+        t5 = t5.replace(dropout_rate=config.model.dropout_rate)
+    model_cfg = tagi_config(config, num_teachers=len(info.teacher_keys(per)), t5=t5)
     if jax.process_index() == 0:
+        with open(os.path.join(workdir, "model_config.json"), "w") as f:
+            json.dump(model_cfg.t5.to_dict(), f, indent=1, sort_keys=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
         with open(os.path.join(workdir, "tasks.json"), "w") as f:
             json.dump({"train_task_names": list(info.train_task_names), "teachers_per": per,
                        "teacher_keys": list(info.teacher_keys(per)), "categories": dict(info.categories)},
                       f, indent=1)
-    return RunContext(config, workdir, info, model_cfg, tagi_lib.TAGI(model_cfg), task_to_teacher, hf_params)
+    from tagi_jax import partitioning
+
+    mesh = partitioning.create_mesh(config.mesh.data, config.mesh.model)
+    rules = partitioning.logical_axis_rules(bool(config.mesh.fsdp))
+    return RunContext(config, workdir, info, model_cfg, tagi_lib.TAGI(model_cfg), task_to_teacher, mesh, rules,
+                      hf_params)
 
 
 def run_stage(ctx: RunContext, stage: str, stop_at: int | None = None) -> dict:
@@ -444,9 +511,9 @@ def run_stage(ctx: RunContext, stage: str, stop_at: int | None = None) -> dict:
     stage_cfg = _stage_trainer_config(config, stage)
     loss_fn = make_loss_fn(stage, config, ctx.model, ctx.task_to_teacher)
     trainer = trainer_lib.Trainer(stage_cfg, workdir=_stage_dir(ctx.workdir, stage),
-                                  init_fn=stage_init_fn(stage, ctx.model_cfg), loss_fn=loss_fn)
-    initial = None if _has_checkpoint(ctx.workdir, stage) else build_initial_params(
-        stage, config, ctx.workdir, trainer, ctx.hf_params)
+                                  init_fn=stage_init_fn(stage, ctx.model_cfg), loss_fn=loss_fn,
+                                  section_names=_section_names(stage), mesh=ctx.mesh, rules=ctx.rules)
+    initial = None if _has_checkpoint(ctx.workdir, stage) else build_initial_params(stage, ctx, trainer)
     is_pretrain = stage in PRETRAIN_DATA_STAGES
     mixture = ctx.data.pretrain_task if is_pretrain else ctx.data.train_mixture
     lengths = data_lib.pretrain_lengths(config.data) if is_pretrain else data_lib.task_lengths(config.data)
@@ -493,7 +560,9 @@ def load_trained(workdir: str, method: str):
         raise FileNotFoundError(f"{workdir}: method '{method}' has no checkpoint ({_stage_dir(workdir, stage)})")
     with open(os.path.join(workdir, "tasks.json")) as f:
         num_teachers = len(json.load(f)["teacher_keys"])
-    model_cfg = tagi_config(config, num_teachers=num_teachers)
+    with open(os.path.join(workdir, "model_config.json")) as f:
+        t5 = T5Config.from_dict(json.load(f))
+    model_cfg = tagi_config(config, num_teachers=num_teachers, t5=t5)
     model = tagi_lib.TAGI(model_cfg)
     abstract = jax.eval_shape(lambda r: nn.meta.unbox(stage_init_fn(stage, model_cfg)(r)), jax.random.key(0))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -136,15 +136,7 @@ def make_global_batch(local_batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, 
     )
 
 
-def mesh_context(mesh: jax.sharding.Mesh, rules) -> contextlib.AbstractContextManager:
-    """The mesh and logical axis rules that `nn.with_logical_constraint` inside the model resolves against.
-
-    (`jax.set_mesh` is the current spelling of the deprecated `with mesh:`.)
-    """
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(nn.logical_axis_rules(rules))
-    return stack
+mesh_context = partitioning.mesh_context
 
 
 # --------------------------------------------------------------------------------------------------

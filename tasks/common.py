@@ -6,6 +6,7 @@ and truncation are the feature converter's business, not the task's.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable, Mapping, Sequence
 
 import seqio
@@ -79,9 +80,14 @@ def register_task(
 
 
 def register_mixture(name: str, task_names: Sequence[str], default_rate: float = 1.0) -> seqio.Mixture:
-    """Register (or re-register) a mixture of already-registered tasks (equal rates by default)."""
+    """Register (or re-register) a mixture of already-registered tasks (equal rates by default).
+
+    Sampling continues until every task is exhausted (SeqIO's default stops at the first empty task, which
+    silently shortens a one-epoch pass over tasks of different sizes).
+    """
     if not task_names:
         raise ValueError(f"mixture {name!r}: no tasks")
     if name in seqio.MixtureRegistry.names():
         seqio.MixtureRegistry.remove(name)
-    return seqio.MixtureRegistry.add(name, [(t, default_rate) for t in task_names])
+    sample_fn = functools.partial(tf.data.Dataset.sample_from_datasets, stop_on_empty_dataset=False)
+    return seqio.MixtureRegistry.add(name, [(t, default_rate) for t in task_names], sample_fn=sample_fn)

@@ -1,0 +1,135 @@
+"""The training pipeline: config validation (fast, before any work) and one tiny end-to-end run of every stage."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tagi_jax import pipeline
+from tagi_jax.config import ConfigError, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "demo.py")
+
+
+def tiny_config(steps: int = 2):
+    c = load_config(DEMO)
+    c.model.update(dict(d_model=16, d_kv=4, num_heads=2, d_ff=32, num_encoder_layers=1, num_decoder_layers=1,
+                        relative_attention_num_buckets=8, relative_attention_max_distance=16))
+    c.hypernet.update(dict(rank=2, lora_alpha=4.0, hidden_dim=16, embed_dim=8))
+    c.tagi.update(dict(teacher_rank=2, teacher_alpha=4.0))
+    c.data.synthetic.update(dict(num_train_tasks=6, num_unseen_tasks=3, train_instances_per_task=8,
+                                 eval_instances_per_task=2))
+    c.data.lengths.update(dict(inputs=80, hyper_inputs=160, full_inputs=224, targets=24))
+    c.data.pretrain.lengths.update(dict(inputs=32, hyper_inputs=32, full_inputs=64, targets=32))
+    for stage in pipeline.STAGES:
+        s = c.stages[stage]
+        s.train.update(dict(steps=steps, batch_size=4, log_every=1, progress_bar=False))
+        s.optimizer.update(dict(warmup_steps=0, schedule="constant"))
+    c.eval.update(dict(batch_size=8, max_decode_len=8, max_examples_per_task=2))
+    c.mesh.update(dict(data=1, model=1))
+    return c
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        (("pipeline.stages", ("backbone", "typo")), "pipeline.stages"),
+        (("pipeline.evaluate", ("tagi", "nope")), "pipeline.evaluate"),
+        (("loss.kl_teacher", "teacher_bot"), "loss.kl_teacher"),
+        (("loss.alignment", "cosine"), "loss.alignment"),
+        (("loss.lambda_ins", "often"), "loss.lambda_ins"),
+        (("stages.hint.init_from", "pretrained"), "stages.hint.init_from"),
+        (("model.checkpoint", "/no/such/t5"), "model.checkpoint"),
+        (("stages.finetune.train.num_microbatches", 3), "stages.finetune.train"),
+        (("tagi.teachers_per", "dataset"), "tagi.teachers_per"),
+    ],
+)
+def test_bad_config_fails_fast_naming_the_key(override, key):
+    c = tiny_config()
+    path, value = override
+    node = c
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        pipeline.validate(c)
+
+
+def test_unknown_override_is_rejected_by_name():
+    with pytest.raises(ConfigError, match="stages.finetune.train.stepz"):
+        load_config(DEMO, ["stages.finetune.train.stepz=3"])
+
+
+def test_launch_rejects_unknown_key_before_any_work(tmp_path):
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch", "train.py"), f"--config={DEMO}",
+         f"--workdir={tmp_path / 'w'}", "--config.loss.lambda_kll=3"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode != 0
+    assert "lambda_kll" in out.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_demo_config_is_valid():
+    pipeline.validate(load_config(DEMO))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pipeline"))
+    result = pipeline.run(tiny_config(), workdir)
+    return workdir, result
+
+
+def test_every_stage_trains_and_summary_is_written(tiny_run):
+    workdir, result = tiny_run
+    assert [r["stage"] for r in result["stages"]] == list(pipeline.STAGES)
+    assert all(r["step"] == 2 for r in result["stages"])
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    assert set(summary) == set(pipeline.METHODS)
+    for method in pipeline.METHODS:
+        for split in ("unseen", "seen"):
+            m = summary[method][split]
+            assert 0.0 <= m["rougeL"] <= 100.0 and 0.0 <= m["exact_match"] <= 100.0
+    for stage in pipeline.STAGES:
+        log = os.path.join(workdir, stage, "metrics.jsonl")
+        rows = [json.loads(line) for line in open(log)]
+        assert rows and np.isfinite(rows[-1]["loss"])
+    finetune = [json.loads(line) for line in open(os.path.join(workdir, "finetune", "metrics.jsonl"))][-1]
+    for term in ("cross_entropy", "kl", "l_ins", "lambda_ins", "adapter_sq_norm"):
+        assert term in finetune, term
+    assert finetune["kl"] > 0.0  # the KL term is live (the original code's was silently zero)
+
+
+def test_stages_hand_their_parameters_on(tiny_run):
+    """A stage starts from its `init_from` stage: frozen subtrees arrive bit-identical."""
+    workdir, _ = tiny_run
+    _, _, hint = pipeline.load_trained(workdir, "hint")
+    _, _, concat = pipeline.load_trained(workdir, "concat")
+    # `concat` freezes the hypernetwork, so it still holds the run's fresh initialisation; `hint` trained its own.
+    assert not jax.tree_util.tree_all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
+                                                   hint["hypernet"], concat["hypernet"]))
+    _, _, tagi = pipeline.load_trained(workdir, "tagi")
+    # The student's teacher table is frozen and carried; the teachers stage's table lives in the frozen teacher.
+    assert set(tagi) >= {"t5", "hypernet"}
+
+
+def test_rerun_resumes_without_training_again(tiny_run):
+    workdir, _ = tiny_run
+    ctx = pipeline.prepare(tiny_config(), workdir)
+    record = pipeline.run_stage(ctx, "concat")
+    assert record["resumed_from"] == 2 and record["step"] == 2
+
+
+def test_load_trained_errors(tmp_path, tiny_run):
+    workdir, _ = tiny_run
+    with pytest.raises(ValueError, match="unknown method"):
+        pipeline.load_trained(workdir, "tk_instruct")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        pipeline.load_trained(str(tmp_path), "tagi")
