@@ -24,6 +24,9 @@ class T5Config:
     feed_forward_proj: str = "gated-gelu"
     # v1.0: input/output embedding tied and logits scaled by d_model**-0.5; v1.1: separate lm_head.
     tie_word_embeddings: bool = False
+    # Scale the decoder output by d_model**-0.5 before the output projection; None = tie_word_embeddings
+    # (T5 v1.0). transformers >= 5 writes it explicitly (and may tie an unscaled v1.1-style model).
+    scale_decoder_outputs: bool | None = None
     dtype: str = "float32"  # compute dtype, e.g. "bfloat16"
     param_dtype: str = "float32"
     pad_token_id: int = 0
@@ -44,6 +47,13 @@ class T5Config:
     @property
     def is_gated(self) -> bool:
         return self.feed_forward_proj == "gated-gelu"
+
+    @property
+    def logits_scaled(self) -> bool:
+        """Whether logits are computed from decoder outputs scaled by d_model**-0.5."""
+        if self.scale_decoder_outputs is None:
+            return self.tie_word_embeddings
+        return bool(self.scale_decoder_outputs)
 
     @property
     def inner_dim(self) -> int:
