@@ -180,10 +180,7 @@ def validate(config: config_dict.ConfigDict) -> None:
     if config.model.checkpoint:
         from tagi_jax.config import require_path
         require_path(config, "model.checkpoint", kind="dir")
-    elif "backbone" not in stages and any(
-            not config.stages[s].init_from for s in stages if s not in ("finetune",)):
-        raise ConfigError("config key 'model.checkpoint' is empty and 'backbone' is not in 'pipeline.stages': "
-                          "name a Hugging Face T5 directory to start from (or pretrain one with the backbone stage)")
+
     for s in stages:
         section = config.stages[s]
         src = section.init_from
@@ -617,7 +614,9 @@ def evaluate_methods(ctx: RunContext, methods: tuple[str, ...]) -> dict:
             records, metrics = evaluation.evaluate(
                 method, model, params, examples, ctx.data.vocabulary, lengths=lengths,
                 batch_size=config.eval.batch_size, max_decode_len=config.eval.max_decode_len,
-                beam_size=config.eval.beam_size)
+                beam_size=config.eval.beam_size, categories=ctx.data.categories,
+                cache=evaluation.AdapterCache(os.path.join(ctx.workdir, "adapter_cache")))
+            print(f"{method} / {label}: {evaluation.format_timing(metrics)}", flush=True)
             summary[method][label] = {"rougeL": float(metrics["rougeL"]), "exact_match": float(metrics["exact_match"])}
             out_dir = os.path.join(ctx.workdir, "eval")
             os.makedirs(out_dir, exist_ok=True)

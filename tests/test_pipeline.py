@@ -25,8 +25,10 @@ def tiny_config(steps: int = 2):
                                  eval_instances_per_task=2))
     c.data.lengths.update(dict(inputs=80, hyper_inputs=160, full_inputs=224, targets=24))
     c.data.pretrain.lengths.update(dict(inputs=32, hyper_inputs=32, full_inputs=64, targets=32))
+    c.pipeline.stages = pipeline.STAGES  # every stage, each from its default predecessor
     for stage in pipeline.STAGES:
         s = c.stages[stage]
+        s.init_from = pipeline.DEFAULT_INIT_FROM[stage]
         s.train.update(dict(steps=steps, batch_size=4, log_every=1, progress_bar=False))
         s.optimizer.update(dict(warmup_steps=0, schedule="constant"))
     c.eval.update(dict(batch_size=8, max_decode_len=8, max_examples_per_task=2))
