@@ -97,7 +97,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-    """Leading (batch) dimension split over `data`, the rest replicated."""
+    """Leading (batch) dimension split over `data`, the rest replicated (scalars replicated)."""
+    if ndim == 0:
+        return replicated(mesh)
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS, *([None] * (ndim - 1))))
 
 

@@ -12,7 +12,7 @@ import pytest
 from tagi_jax.hf import hf_module_name, load_t5
 from tagi_jax.models import lora
 from tagi_jax.models.t5 import T5
-from tiny_hf import hf_logits, make_batch, tiny_hf_t5
+from tiny_hf import hf_logits, make_batch, random_adapters, tiny_hf_t5
 
 TOL = 1e-4
 SHAPE = dict(batch=3, enc_len=11, dec_len=8)
@@ -88,7 +88,7 @@ def test_adapters_match_peft(kind, target_modules, tmp_path_factory):
         assert tuple(targets) == lora.DEFAULT_TARGETS
     adapters = _adapters_from_peft(peft_model, config, targets, r, alpha)
     batch = make_batch(config.vocab_size, **SHAPE, seed=11)
-    extra = jax.random.normal(jax.random.PRNGKey(3), (3, 5, config.d_model))
+    extra = np.random.RandomState(3).randn(3, 5, config.d_model).astype(np.float32)
     extra_mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], jnp.int32)
     ours, encoded, fused = _jitted(config, "with_fusion", method=_logits_and_fused_logits)(
         params, batch["encoder_input_tokens"], batch["decoder_input_tokens"], batch["decoder_target_tokens"],
@@ -126,8 +126,7 @@ def v1_1(tmp_path_factory):
 def _random_adapters(config, batch=None, seed=0, targets=None):
     targets = targets or lora.DEFAULT_TARGETS + ("encoder_self.o", "decoder_cross.k", "encoder_ffn.wi_1",
                                                  "decoder_ffn.wo")
-    return lora.init_adapters(jax.random.PRNGKey(seed), config, targets, rank=3, alpha=6.0, batch=batch,
-                              b_stddev=0.3)
+    return jax.tree.map(jnp.asarray, random_adapters(config, targets, rank=3, batch=batch, seed=seed))
 
 
 def test_shared_adapter_forms_agree(v1_1):
@@ -203,7 +202,8 @@ def test_lora_delta_is_the_low_rank_update():
 
 def test_init_adapters_is_a_zero_update_like_peft(v1_1):
     config, _ = v1_1
-    adapters = lora.init_adapters(jax.random.PRNGKey(0), config, lora.DEFAULT_TARGETS, rank=8, alpha=16, batch=2)
+    adapters = jax.jit(lambda key: lora.init_adapters(key, config, lora.DEFAULT_TARGETS, rank=8, alpha=16,
+                                                      batch=2))(jax.random.key(0, impl="rbg"))
     for target, entry in adapters.items():
         layers, d_in, d_out = lora.adapter_dims(config, target)
         assert entry["A"].shape == (2, layers, d_in, 8) and entry["B"].shape == (2, layers, 8, d_out)

@@ -13,6 +13,7 @@ from tagi_jax import partitioning
 from tagi_jax.models import lora
 from tagi_jax.models.t5 import T5
 from tagi_jax.models.t5_config import tiny_config
+from tiny_hf import random_adapters
 
 BATCH, ENC_LEN, DEC_LEN = 8, 12, 6
 
@@ -100,8 +101,7 @@ def test_sharded_forward_equals_single_device(sharded):
     config, mesh, rules, params, mesh_specs, logical, fsdp = sharded
     model = T5(config)
     enc, dec, tgt = _batch(config)
-    adapters = lora.init_adapters(jax.random.PRNGKey(1), config, lora.DEFAULT_TARGETS, rank=2, batch=BATCH,
-                                  b_stddev=0.2)
+    adapters = random_adapters(config, lora.DEFAULT_TARGETS, rank=2, batch=BATCH, seed=1)
 
     def forward(params, enc, dec, tgt, adapters):
         return model.apply(params, enc, dec, tgt, adapters=adapters)

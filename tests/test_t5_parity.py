@@ -18,9 +18,8 @@ import pytest
 
 from tagi_jax.hf import load_t5
 from tagi_jax.models import lora
-from tagi_jax.models.t5 import T5, init_params, relative_position_bucket
-from tagi_jax.models.t5_config import tiny_config
-from tiny_hf import KINDS, hf_encoder_outputs, hf_logits, make_batch, tiny_hf_t5
+from tagi_jax.models.t5 import T5, relative_position_bucket
+from tiny_hf import KINDS, hf_encoder_outputs, hf_logits, make_batch, random_adapters, tiny_hf_t5
 
 TOL = 1e-4
 SHAPE = dict(batch=3, enc_len=11, dec_len=8)  # one batch shape for most tests: compiled functions are shared
@@ -102,7 +101,7 @@ def test_encoder_and_logits_match_transformers(loaded):
 
 def _random_adapters(config, seed):
     targets = lora.DEFAULT_TARGETS + ("decoder_cross.k", "decoder_ffn.wo")
-    return lora.init_adapters(jax.random.PRNGKey(seed), config, targets, rank=3, alpha=6.0, batch=3, b_stddev=0.3)
+    return random_adapters(config, targets, rank=3, batch=3, seed=seed)
 
 
 def _encode_decode_and_init_cache(module, enc_tokens, dec_inputs, cache_length, **kwargs):
@@ -144,7 +143,7 @@ def test_cached_decoding_equals_teacher_forcing(kind, variant, tmp_path_factory)
     kwargs = {}
     if variant != "plain":
         kwargs["adapters"] = _random_adapters(config, seed=4)
-        kwargs["extra_encoder_states"] = jax.random.normal(jax.random.PRNGKey(5), (3, 4, config.d_model))
+        kwargs["extra_encoder_states"] = np.random.RandomState(5).randn(3, 4, config.d_model).astype(np.float32)
         kwargs["extra_encoder_mask"] = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
     enc_tokens, dec_inputs = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
     length = dec_inputs.shape[1]
@@ -173,10 +172,9 @@ def v1_1(tmp_path_factory):
     return load_t5(tiny_hf_t5(tmp_path_factory, "v1_1")[0])
 
 
-def test_dropout_is_off_by_default_and_seeded_when_on():
-    # A fresh one-layer model: dropout needs no checkpoint, and every dropout site costs compile time.
-    config = tiny_config(num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.3)
-    params = init_params(config, jax.random.PRNGKey(0))
+def test_dropout_is_off_by_default_and_seeded_when_on(v1_1):
+    config, params = v1_1
+    config = config.replace(dropout_rate=0.3)
     batch = make_batch(config.vocab_size, **SHAPE, seed=0)
     args = (batch["encoder_input_tokens"],)  # the encoder only: dropout masks are slow to compile on CPU
     det = _apply(config, params, *args, method="encode")  # enable_dropout defaults to False: no rng needed

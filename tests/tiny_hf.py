@@ -132,3 +132,24 @@ def hf_encoder_outputs(model, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         out = model.get_encoder()(input_ids=enc, attention_mask=(enc > 0).long())
     return out.last_hidden_state.float().numpy()
+
+
+def random_adapters(config, targets, rank: int = 3, *, batch: int | None = None, scale: float = 2.0,
+                    seed: int = 0, std: float = 0.3) -> dict:
+    """Random non-zero LoRA factors for a tagi_jax T5Config (numpy: no per-shape RNG compiles on CPU).
+
+    A ~ N(0, 1/d_in), B ~ N(0, std²); shapes per `tagi_jax.models.lora` (a leading batch axis if `batch`).
+    """
+    from tagi_jax.models import lora
+
+    rng = np.random.RandomState(seed)
+    lead = () if batch is None else (batch,)
+    out = {}
+    for target in targets:
+        layers, d_in, d_out = lora.adapter_dims(config, target)
+        out[target] = {
+            "A": (rng.randn(*lead, layers, d_in, rank) / np.sqrt(d_in)).astype(np.float32),
+            "B": (std * rng.randn(*lead, layers, rank, d_out)).astype(np.float32),
+            "scale": np.float32(scale),
+        }
+    return out

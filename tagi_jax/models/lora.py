@@ -14,6 +14,10 @@ An *adapters* pytree maps a target name to its factors::
 A projection with weight ``W: [d_in, d_out]`` computes ``x·W + scale·((x·A)·B)`` with batched einsums:
 the rank-r path never materialises ``W + A·B`` per example. `merge_adapter` folds one shared adapter into
 the weights for the single-task fast path.
+
+Helpers for the T5 (tagi_jax.models.t5): `adapter_dims` (layers, d_in, d_out of a target), `check_adapters`
+(trace-time validation with errors naming the target), `block_factors` (one layer's factors),
+`target_param_path` (the kernel a target modifies), `init_adapters` (PEFT-style initial factors).
 """
 from __future__ import annotations
 

@@ -1,0 +1,121 @@
+"""Smoke tests of the benchmarks (bench/): each core function runs on a tiny config and returns sane numbers.
+
+Not timed tests: wall times are only checked to be positive. The FLOP model is checked against XLA's cost
+analysis of the executables that run (an independent count), the TAGI path against the bound's premise (it
+costs less than concatenation) and the mixed-batch paths against each other (merged == factorised).
+"""
+from __future__ import annotations
+
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench import _common as C  # noqa: E402
+from bench import inference_cost as IC  # noqa: E402
+from bench import mixed_batch as MB  # noqa: E402
+
+TINY = dict(d_model=32, layers=2, heads=2, d_kv=16, d_ff=64)
+
+
+def test_bucket_length_by_hand():
+    # 4 lengths per power of two, at least the minimum.
+    assert [C.bucket_length(n) for n in (1, 16, 17, 33, 64, 65, 66, 100, 129, 700, 900, 1024, 1025)] == \
+        [16, 16, 20, 40, 64, 80, 80, 112, 160, 768, 1024, 1024, 1280]
+    assert C.bucket_length(5, minimum=8) == 8
+    for n in range(1, 3000):
+        b = C.bucket_length(n)
+        assert n <= b <= max(16, 1.25 * n + 1)
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    from tagi_jax.vocab import get_vocabulary
+
+    return get_vocabulary("byte")
+
+
+def _check_suite(results, settings):
+    m = IC.summarize(results)
+    assert m["instances"] == sum(r.instances for r in results) > 0
+    assert m["bound"] > 1.0
+    # TAGI encodes the instance only: strictly cheaper than concatenation, on both counts.
+    assert m["flops_ratio"] > 1.0 and m["encoder_ratio"] > 1.0
+    assert m["xla_ratio"] > 1.0
+    for key in ("tagi", "concat"):
+        assert 0.97 < m[f"xla_{key}"] / m[f"flops_{key}"] < 1.2, (key, m[f"xla_{key}"], m[f"flops_{key}"])
+    assert m["seconds_tagi"] > 0 and m["seconds_concat"] > 0 and m["time_ratio"] > 0
+    text = IC.report("suite", results, settings)
+    assert "FLOPs ratio (concat / TAGI)" in text and "bound (t + i) / i" in text
+    return m
+
+
+def test_inference_cost_synthetic_score_merged_fusion(vocab):
+    s = IC.Settings(**TINY, rank=4, hyper_hidden=16, hyper_embed=8, batch_size=4, mode="score",
+                    adapter="merged", fusion="prepend")
+    tasks = IC.synthetic_tasks(num_tasks=1, instances=4)
+    assert len(tasks) == 1 and len(tasks[0].inputs) == 4
+    assert tasks[0].full_inputs[0] == tasks[0].instruction + tasks[0].inputs[0]
+    bench = IC.InferenceCost(s)
+    results = IC.measure_suite(bench, tasks, vocab, repeats=1)
+    m = _check_suite(results, s)
+    assert m["tagi_fusion"] > 0 and m["tagi_hypernet"] > 0
+    # Computing the instruction's keys/values once per task can only help.
+    assert m["flops_ratio_kv_once"] >= m["flops_ratio"]
+
+
+def test_inference_cost_sni_greedy_factorised_no_fusion(vocab, shared_data):
+    s = IC.Settings(**TINY, rank=4, hyper_hidden=16, hyper_embed=8, batch_size=4, mode="greedy", decode_len=3,
+                    adapter="factorised", fusion="none")
+    tasks = IC.sni_tasks(shared_data / "sni_sample", num_tasks=1, instances=4)
+    assert len(tasks) == 1 and len(tasks[0].inputs) == 4
+    bench = IC.InferenceCost(s)
+    results = IC.measure_suite(bench, tasks, vocab, repeats=1)
+    m = _check_suite(results, s)
+    assert m["tagi_fusion"] == 0 and m["tagi_adapter"] > 0
+    # Real SNI instructions are much longer than the instances: the saving is large.
+    assert m["bound"] > 2.0 and m["flops_ratio"] > 2.0
+
+
+def test_inference_cost_rejects_bad_settings():
+    with pytest.raises(ValueError, match="--mode"):
+        IC.Settings(mode="beam")
+    with pytest.raises(ValueError, match="--batch_size"):
+        IC.Settings(batch_size=0)
+
+
+def test_mixed_batch_paths():
+    s = MB.Settings(**TINY, rank=4, batch_size=3, input_len=12, decode_len=3, repeats=1)
+    bench = MB.MixedBatch(s)
+    # The merged path runs the very adapter the shared path applies factorised.
+    merged = np.asarray(bench.runner("merged", "encode")())
+    shared = np.asarray(bench.runner("shared", "encode")())
+    plain = np.asarray(bench.runner("none", "encode")())
+    np.testing.assert_allclose(merged, shared, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(merged, plain, atol=1e-4)
+
+    result = MB.measure(s, bench=bench)
+    for path in MB.PATHS:
+        assert result[path]["examples_per_s"] > 0 and result[path]["seconds"] > 0
+    assert result["merged"]["flops"] == result["none"]["flops"] < result["per-example"]["flops"]
+    assert result["per-example"]["step_bytes_adapters"] == \
+        s.batch_size * result["shared"]["step_bytes_adapters"] > 0
+    text = MB.report(result, s)
+    assert "ratio (per-example / merged)" in text
+    assert np.isfinite(MB.loss_percent(result))
+
+    # The loop inspection finds the decoding loop; it sees no adapter slices without adapters, and never more
+    # slice bytes per step than the decoder's per-example factors hold.
+    merged_copies = MB.loop_body_copies(bench.executable("merged").as_text(), s.input_len)
+    copies = MB.loop_body_copies(bench.executable("per-example").as_text(), s.input_len)
+    assert merged_copies and copies, "no while loop in the compiled greedy decoder"
+    assert merged_copies["adapter_slices"] == 0
+    decoder_factor_mb = sum(np.asarray(bench.per_example[t][k]).nbytes for t in bench.per_example
+                            if t.startswith("decoder") for k in ("A", "B")) / 1e6
+    assert 0 <= copies["adapter_slice_mb"] <= decoder_factor_mb
