@@ -32,7 +32,7 @@ def tiny_config(steps: int = 2):
         s.train.update(dict(steps=steps, batch_size=4, log_every=1, progress_bar=False))
         s.optimizer.update(dict(warmup_steps=0, schedule="constant"))
     c.eval.update(dict(batch_size=8, max_decode_len=8, max_examples_per_task=2))
-    c.mesh.update(dict(data=1, model=1))
+    c.mesh.update(dict(data=4, model=2))  # the sharded path, on the 8 fake devices of tests/conftest.py
     return c
 
 
