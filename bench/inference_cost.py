@@ -1,0 +1,541 @@
+"""Inference cost of TAGI vs instruction concatenation, measured side by side on the same backbone.
+
+For every task of 100 instances, the same T5 runs two ways:
+
+* TAGI: the instruction (Def + 2 Pos, Tk-Instruct format) is encoded ONCE per task by the backbone's encoder
+  and turned into a LoRA adapter by the hypernetwork (`tagi_jax.models.tagi.generate_adapters`); the adapter
+  is folded into the kernels once (`lora.merge_adapter`, the single-task fast path; `--adapter=factorised`
+  keeps it factorised instead) and every instance is then encoded alone (`inputs`), the decoder
+  cross-attending to the instance plus, with `--fusion=prepend`, the encoded instruction;
+* concatenation (Tk-Instruct / T0): every instance carries the whole instruction (`full_inputs`).
+
+Reported per task and per suite: (1) FLOPs, counted analytically from the padded shapes (`bench/_common.py`)
+and cross-checked with XLA's cost analysis of the very executables that run; (2) wall time, both paths timed
+in one run, interleaved, compilation excluded (everything is compiled ahead of time), same batch size and
+decode length, `block_until_ready`. Their ratio is compared with the bound (t + i) / i for mean instruction
+length t and instance length i: the encoder's work when its cost is linear in the length and decoding is free.
+
+Each path is padded to what it needs: TAGI to the instance length, concatenation to instruction + instance
+(per batch, rounded up to one of `--buckets_per_octave` lengths per power of two; instances sorted by
+length within a task). Modes: `score` (default) runs
+the teacher-forced pass on the task's real reference answers (the decoding work of a model that stops at EOS
+after the reference; `tagi_jax.decoding.score_targets`); `greedy` runs `tagi_jax.decoding.predict` for exactly
+`--decode_len` steps (EOS disabled: random weights would stop at random points).
+
+Random weights: cost does not depend on the values. Lengths are in bytes (byte vocabulary; no SentencePiece
+model is available offline); T5 SentencePiece tokens are about 4 bytes, which leaves (t + i) / i unchanged but
+shrinks attention's share of the cost.
+
+    python bench/inference_cost.py                       # defaults: ~4 minutes on 2 idle CPU cores
+    python bench/inference_cost.py --mode=greedy --decode_len=128 --suites=sni --sni_tasks=4
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import pathlib
+import sys
+import time
+from typing import Any, Sequence
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # `python bench/x.py`: find the repo
+
+from bench import _common as C  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tagi_jax import decoding  # noqa: E402
+from tagi_jax.models import lora  # noqa: E402
+from tagi_jax.models import tagi as tagi_lib  # noqa: E402
+from tagi_jax.models.hypernet import HyperNetConfig  # noqa: E402
+from tagi_jax.models.t5 import T5  # noqa: E402
+
+EOS = 1
+BYTES_PER_TOKEN = 4.0  # rough size of a T5 SentencePiece token in English text (an estimate, for orientation)
+
+
+# ------------------------------------------------------------------------------------------ data
+@dataclasses.dataclass
+class TaskTexts:
+    """One task's text features: its instruction (the same for every instance) and its instances."""
+    suite: str
+    name: str
+    instruction: str            # hyper_inputs
+    inputs: list[str]           # the instance part alone (TAGI)
+    full_inputs: list[str]      # instruction + instance (concatenation)
+    targets: list[str]
+
+
+def _task_texts(suite: str, name: str, examples: Sequence[dict]) -> TaskTexts:
+    from tagi_jax import features as F
+
+    instructions = {ex[F.HYPER_INPUTS] for ex in examples}
+    if len(instructions) != 1:
+        raise ValueError(f"{suite} task {name}: the instruction differs between instances ({len(instructions)} "
+                         "variants); TAGI reads one instruction per task")
+    for ex in examples:
+        if ex[F.FULL_INPUTS] != ex[F.HYPER_INPUTS] + ex[F.INPUTS]:
+            raise ValueError(f"{suite} task {name}: full_inputs is not hyper_inputs + inputs")
+    return TaskTexts(suite, name, examples[0][F.HYPER_INPUTS], [ex[F.INPUTS] for ex in examples],
+                     [ex[F.FULL_INPUTS] for ex in examples], [ex[F.TARGETS] for ex in examples])
+
+
+def sni_tasks(sni_dir, num_tasks: int, instances: int = 100, num_pos: int = 2) -> list[TaskTexts]:
+    """`num_tasks` test tasks of `sni_dir`'s default split, evenly spaced in its list (all of them when
+    num_tasks >= the list's length), Def + `num_pos` Pos, Tk-Instruct format."""
+    from tasks import sni
+
+    listed = sni.read_split(str(sni_dir))[sni.TEST]
+    num_tasks = min(num_tasks, len(listed))
+    names = [listed[(k * len(listed)) // num_tasks] for k in range(num_tasks)]
+    out = []
+    for name in names:
+        task = sni.load_task_file(sni.task_path(str(sni_dir), name))
+        examples = sni.build_examples(task, name, sni.TEST, num_pos=num_pos, num_neg=0, max_instances=instances)
+        out.append(_task_texts("sni", name, examples))
+    return out
+
+
+def synthetic_tasks(num_tasks: int, instances: int = 100, num_pos: int = 2, seed: int = 0) -> list[TaskTexts]:
+    """`num_tasks` unseen tasks of the synthetic suite, one category after another, test instances."""
+    from tasks import synthetic
+
+    suite = synthetic.build_suite(seed)
+    by_category: dict[str, list] = {}
+    for task in suite.unseen_tasks:
+        by_category.setdefault(task.category, []).append(task)
+    picked, round_ = [], 0
+    while len(picked) < num_tasks and any(len(v) > round_ for v in by_category.values()):
+        picked += [v[round_] for v in by_category.values() if len(v) > round_][: num_tasks - len(picked)]
+        round_ += 1
+    out = []
+    for task in picked:
+        examples = [synthetic.format_example(task, inst, num_pos=num_pos)
+                    for inst in task.instances(synthetic.TEST, instances, seed=seed)]
+        out.append(_task_texts("synthetic", task.name, examples))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ settings
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What one benchmark run measures (the command-line flags that matter to the measurement)."""
+    d_model: int = 256
+    layers: int = 4
+    heads: int = 4
+    d_kv: int = 64
+    d_ff: int = 1024
+    rank: int = 32
+    hyper_hidden: int = 512
+    hyper_embed: int = 128
+    fusion: str = "prepend"         # "prepend" | "none"
+    adapter: str = "merged"         # "merged" | "factorised"
+    mode: str = "score"             # "score" | "greedy"
+    decode_len: int = 128           # greedy steps
+    batch_size: int = 25
+    buckets_per_octave: int = 4     # lengths padded to one of this many lengths per power of two
+    xla_check: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        for key, allowed in (("fusion", ("prepend", "none")), ("adapter", ("merged", "factorised")),
+                             ("mode", ("score", "greedy"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"--{key}: {getattr(self, key)!r} is not one of {allowed}")
+        for key in ("batch_size", "buckets_per_octave", "decode_len"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key} must be >= 1, got {getattr(self, key)}")
+
+
+# ------------------------------------------------------------------------------------------ prepared inputs
+@dataclasses.dataclass
+class Batch:
+    size: int
+    enc: Any          # [b, Li] instance tokens (TAGI)
+    full: Any         # [b, Lf] instruction + instance tokens (concatenation)
+    dec_in: Any       # [b, T] (score mode; greedy: None)
+    dec_tgt: Any
+
+
+@dataclasses.dataclass
+class Prepared:
+    texts: TaskTexts
+    hyper: Any                 # [1, Lh]
+    batches: list[Batch]
+    instruction_bytes: int     # t (without EOS)
+    input_bytes: list[int]     # i per instance (without EOS)
+
+    @property
+    def num_instances(self) -> int:
+        return sum(b.size for b in self.batches)
+
+
+def _encode(vocab, text: str) -> list[int]:
+    return list(vocab.encode(text)) + [EOS]
+
+
+def prepare(texts: TaskTexts, vocab, s: Settings) -> Prepared:
+    """Tokenise and pad: each path to its own need, per batch, instances sorted by length within the task."""
+    hyper_ids = _encode(vocab, texts.instruction)
+    bucket = functools.partial(C.bucket_length, per_octave=s.buckets_per_octave, minimum=16)
+    hyper = jnp.asarray(C.pad_batch([hyper_ids], bucket(len(hyper_ids))))
+    enc_ids = [_encode(vocab, x) for x in texts.inputs]
+    full_ids = [_encode(vocab, x) for x in texts.full_inputs]
+    tgt_ids = [_encode(vocab, x) for x in texts.targets]
+    order = sorted(range(len(enc_ids)), key=lambda k: (len(enc_ids[k]), k))
+    batches = []
+    for start in range(0, len(order), s.batch_size):
+        idx = order[start: start + s.batch_size]
+        enc = [enc_ids[k] for k in idx]
+        full = [full_ids[k] for k in idx]
+        dec_in = dec_tgt = None
+        if s.mode == "score":
+            tgt = [tgt_ids[k] for k in idx]
+            tlen = C.bucket_length(max(map(len, tgt)), s.buckets_per_octave, minimum=8)
+            dec_tgt = jnp.asarray(C.pad_batch(tgt, tlen))
+            dec_in = jnp.asarray(C.pad_batch([[0] + t[:-1] for t in tgt], tlen))  # start token 0, shifted
+        batches.append(Batch(
+            len(idx),
+            jnp.asarray(C.pad_batch(enc, bucket(max(map(len, enc))))),
+            jnp.asarray(C.pad_batch(full, bucket(max(map(len, full))))),
+            dec_in, dec_tgt))
+    return Prepared(texts, hyper, batches, len(hyper_ids) - 1, [len(x) - 1 for x in enc_ids])
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+def _broadcast_rows(states, mask, rows: int):
+    """The task's instruction states [1, n, d] for every row of the batch (fusion)."""
+    if states is None:
+        return None, None
+    return (jnp.broadcast_to(states, (rows,) + states.shape[1:]),
+            jnp.broadcast_to(mask, (rows,) + mask.shape[1:]))
+
+
+def _score(model, params, adapters, enc, dec_in, dec_tgt, states, mask):
+    states, mask = _broadcast_rows(states, mask, enc.shape[0])
+    return decoding.score_targets(model, params, enc, dec_in, dec_tgt, adapters=adapters,
+                                  extra_encoder_states=states, extra_encoder_mask=mask).sum
+
+
+def _greedy(model, decode_len, params, adapters, enc, states, mask):
+    states, mask = _broadcast_rows(states, mask, enc.shape[0])
+    tokens, _ = decoding.predict(model, params, enc, adapters=adapters, extra_encoder_states=states,
+                                 extra_encoder_mask=mask, max_decode_len=decode_len, eos_id=-1)
+    return tokens  # eos_id=-1: never stops early, so both paths decode exactly decode_len tokens
+
+
+class InferenceCost:
+    """One backbone + hypernetwork (random weights) and the two ways of running a task on it."""
+
+    def __init__(self, s: Settings):
+        self.s = s
+        self.t5_config = C.small_t5_config(s.d_model, s.layers, s.heads, s.d_kv, s.d_ff)
+        self.hyper_config = HyperNetConfig(rank=s.rank, lora_alpha=float(s.rank), hidden_dim=s.hyper_hidden,
+                                           embed_dim=s.hyper_embed, dropout_rate=0.0)
+        self.config = tagi_lib.TAGIConfig(t5=self.t5_config, hypernet=self.hyper_config, fusion=s.fusion)
+        self.tagi = tagi_lib.TAGI(self.config)
+        self.t5 = T5(self.t5_config)
+        import flax.linen as nn
+
+        self.params = nn.meta.unbox(tagi_lib.init_params(self.config, jax.random.PRNGKey(s.seed)))
+        self.compiled = C.Compiled()
+        self._gen = jax.jit(functools.partial(tagi_lib.generate_adapters, self.tagi))
+        self._merge = jax.jit(lora.merge_adapter)
+        self._score = jax.jit(functools.partial(_score, self.t5))
+        self._greedy = jax.jit(functools.partial(_greedy, self.t5, s.decode_len))
+
+    # --- the two paths (what is timed) -------------------------------------------------------------
+    def _run(self, params, adapters, batch: Batch, tokens, states, mask):
+        if self.s.mode == "score":
+            return self.compiled("score", self._score, params, adapters, tokens, batch.dec_in, batch.dec_tgt,
+                                 states, mask)
+        return self.compiled("greedy", self._greedy, params, adapters, tokens, states, mask)
+
+    def _generate(self, prep: Prepared):
+        adapters, states, mask = self.compiled("generate", self._gen, self.params, prep.hyper)
+        if self.s.fusion == "none":
+            states = mask = None
+        if self.s.adapter == "merged":
+            return self.compiled("merge", self._merge, self.params["t5"], adapters), None, states, mask
+        return self.params["t5"], adapters, states, mask
+
+    def tagi_task(self, prep: Prepared) -> list:
+        """Adapter (and fusion states) generated once, then every batch with instance-only inputs."""
+        params, adapters, states, mask = self._generate(prep)
+        return [self._run(params, adapters, b, b.enc, states, mask) for b in prep.batches]
+
+    def concat_task(self, prep: Prepared) -> list:
+        """Every instance carries the instruction; no hypernetwork, no adapter."""
+        return [self._run(self.params["t5"], None, b, b.full, None, None) for b in prep.batches]
+
+    # --- FLOPs -------------------------------------------------------------------------------------
+    def _target_len(self, b: Batch) -> int:
+        return b.dec_tgt.shape[1] if self.s.mode == "score" else self.s.decode_len
+
+    def analytic_flops(self, prep: Prepared, length_scale: float = 1.0) -> dict[str, dict[str, float]]:
+        """Matmul FLOPs of each path's parts for the whole task (see bench/_common.py).
+
+        "tagi" and "concat" hold the parts that add up to each path's total; "notes" holds sub-parts:
+        `fusion` (what cross-attending to the instruction adds to TAGI's decoder), `fusion_kv` (its keys and
+        values, recomputed for every instance) and `fusion_kv_once` (the same computed once per task).
+        `length_scale` divides every padded length (an analytic what-if, e.g. 4 for SentencePiece lengths).
+        """
+        cfg, s = self.t5_config, self.s
+        scaled = lambda n: max(1, int(np.ceil(n / length_scale)))
+        lh = scaled(prep.hyper.shape[1])
+        kv = lambda n: cfg.num_decoder_layers * 2 * 2 * n * cfg.d_model * cfg.inner_dim  # cross k, v of n states
+        tagi = {"hypernet": C.hypernet_flops(cfg, self.hyper_config, lh), "adapter": 0.0, "encoder": 0.0,
+                "decoder": 0.0}
+        concat = {"encoder": 0.0, "decoder": 0.0}
+        fusion = s.fusion == "prepend"
+        notes = {"fusion": 0.0, "fusion_kv": 0.0, "fusion_kv_once": kv(lh) if fusion else 0.0}
+        if s.adapter == "merged":
+            tagi["adapter"] += C.merge_flops(cfg, self.hyper_config.adapter_targets, s.rank)
+        for b in prep.batches:
+            t, li, lf = scaled(self._target_len(b)), scaled(b.enc.shape[1]), scaled(b.full.shape[1])
+            mem = li + (lh if fusion else 0)
+            tagi["encoder"] += b.size * C.encoder_flops(cfg, li)
+            dec = sum(C.decoder_flops(cfg, t, mem).values())
+            tagi["decoder"] += b.size * dec
+            notes["fusion"] += b.size * (dec - sum(C.decoder_flops(cfg, t, li).values()))
+            notes["fusion_kv"] += b.size * kv(lh) if fusion else 0.0
+            if s.adapter == "factorised":
+                tagi["adapter"] += b.size * C.lora_flops(cfg, self.hyper_config.adapter_targets, s.rank, li, t, mem)
+            concat["encoder"] += b.size * C.encoder_flops(cfg, lf)
+            concat["decoder"] += b.size * sum(C.decoder_flops(cfg, t, lf).values())
+        return {"tagi": tagi, "concat": concat, "notes": notes}
+
+    def xla_flops(self, prep: Prepared) -> dict[str, float]:
+        """XLA's cost analysis of the same executables, summed like the analytic count.
+
+        Greedy decoding is a while loop, whose body XLA counts once: its FLOPs are those of the teacher-forced
+        pass over `decode_len` tokens (same products), which is what is compiled for the check.
+        """
+        s = self.s
+        adapters, states, mask = self.compiled("generate", self._gen, self.params, prep.hyper)
+        tagi = self.compiled.flops("generate", self._gen, self.params, prep.hyper)
+        if s.fusion == "none":
+            states = mask = None
+        run_adapters = None
+        if s.adapter == "merged":
+            tagi += self.compiled.flops("merge", self._merge, self.params["t5"], adapters)
+        else:
+            run_adapters = adapters
+        concat = 0.0
+        for b in prep.batches:
+            dec_in, dec_tgt = b.dec_in, b.dec_tgt
+            if s.mode == "greedy":
+                dec_in = dec_tgt = jnp.ones((b.size, s.decode_len), jnp.int32)
+            tagi += self.compiled.flops("score", self._score, self.params["t5"], run_adapters, b.enc, dec_in,
+                                        dec_tgt, states, mask)
+            concat += self.compiled.flops("score", self._score, self.params["t5"], None, b.full, dec_in, dec_tgt,
+                                          None, None)
+        return {"tagi": tagi, "concat": concat}
+
+    def compile_task(self, prep: Prepared) -> None:
+        """Compile every executable the timed runs will use (nothing compiles inside a timed region)."""
+        params, adapters, states, mask = self._generate(prep)
+        for b in prep.batches:
+            for tokens, p, a, st, mk in ((b.enc, params, adapters, states, mask),
+                                         (b.full, self.params["t5"], None, None, None)):
+                if self.s.mode == "score":
+                    self.compiled.get("score", self._score, p, a, tokens, b.dec_in, b.dec_tgt, st, mk)
+                else:
+                    self.compiled.get("greedy", self._greedy, p, a, tokens, st, mk)
+
+
+# ------------------------------------------------------------------------------------------ one suite
+@dataclasses.dataclass
+class TaskResult:
+    name: str
+    instances: int
+    t: float                 # instruction bytes
+    i: float                 # mean instance bytes
+    lengths: str             # padded Lh / Li / Lf / T
+    analytic: dict
+    analytic_sp: dict        # the same at lengths / BYTES_PER_TOKEN (SentencePiece-length estimate)
+    xla: dict | None
+    seconds: dict | None     # {"tagi": s, "concat": s} (min over repeats)
+
+
+def _total(parts: dict) -> float:
+    return float(sum(parts.values()))
+
+
+def _sum_parts(results: Sequence[TaskResult], key: str, attr: str = "analytic") -> dict[str, float]:
+    first = getattr(results[0], attr)[key]
+    return {k: float(sum(getattr(r, attr)[key][k] for r in results)) for k in first}
+
+
+def measure_suite(bench: InferenceCost, tasks: Sequence[TaskTexts], vocab, repeats: int = 1,
+                  time_it: bool = True) -> list[TaskResult]:
+    """FLOPs (analytic and, with `xla_check`, XLA) and wall time of both paths for every task."""
+    results = []
+    for texts in tasks:
+        prep = prepare(texts, vocab, bench.s)
+        bench.compile_task(prep)
+        analytic = bench.analytic_flops(prep)
+        analytic_sp = bench.analytic_flops(prep, length_scale=BYTES_PER_TOKEN)
+        xla = bench.xla_flops(prep) if bench.s.xla_check else None
+        seconds = None
+        if time_it:
+            timings = C.interleaved_timings({"tagi": lambda: bench.tagi_task(prep),
+                                             "concat": lambda: bench.concat_task(prep)}, repeats)
+            seconds = {k: min(v) for k, v in timings.items()}
+        b0 = prep.batches[-1]
+        tlen = bench._target_len(b0)
+        results.append(TaskResult(
+            texts.name, prep.num_instances, prep.instruction_bytes, float(np.mean(prep.input_bytes)),
+            f"{prep.hyper.shape[1]}/{b0.enc.shape[1]}/{b0.full.shape[1]}/{tlen}", analytic, analytic_sp, xla,
+            seconds))
+    return results
+
+
+def summarize(results: Sequence[TaskResult]) -> dict[str, float]:
+    """Suite totals and ratios (concat / TAGI), and the bound (t + i) / i over all instances."""
+    n = sum(r.instances for r in results)
+    t = sum(r.t * r.instances for r in results) / n
+    i = sum(r.i * r.instances for r in results) / n
+    out = {"instances": n, "t": t, "i": i, "bound": (t + i) / i}
+    tagi, concat, notes = (_sum_parts(results, k) for k in ("tagi", "concat", "notes"))
+    out.update({f"tagi_{k}": v for k, v in tagi.items()})
+    out.update({f"concat_{k}": v for k, v in concat.items()})
+    out.update({f"tagi_{k}": v for k, v in notes.items()})
+    out["flops_tagi"], out["flops_concat"] = _total(tagi), _total(concat)
+    out["flops_ratio"] = out["flops_concat"] / out["flops_tagi"]
+    out["encoder_ratio"] = concat["encoder"] / tagi["encoder"]
+    out["flops_ratio_kv_once"] = out["flops_concat"] / (
+        out["flops_tagi"] - notes["fusion_kv"] + notes["fusion_kv_once"])
+    out["flops_ratio_no_fusion"] = out["flops_concat"] / (out["flops_tagi"] - notes["fusion"])
+    sp_tagi, sp_concat = _sum_parts(results, "tagi", "analytic_sp"), _sum_parts(results, "concat", "analytic_sp")
+    out["flops_ratio_sp"] = _total(sp_concat) / _total(sp_tagi)
+    if all(r.xla is not None for r in results):
+        out["xla_tagi"] = sum(r.xla["tagi"] for r in results)
+        out["xla_concat"] = sum(r.xla["concat"] for r in results)
+        out["xla_ratio"] = out["xla_concat"] / out["xla_tagi"]
+    if all(r.seconds is not None for r in results):
+        out["seconds_tagi"] = sum(r.seconds["tagi"] for r in results)
+        out["seconds_concat"] = sum(r.seconds["concat"] for r in results)
+        out["time_ratio"] = out["seconds_concat"] / out["seconds_tagi"]
+    return out
+
+
+def report(label: str, results: Sequence[TaskResult], s: Settings) -> str:
+    table = C.Table(["task", "n", "t", "i", "Lh/Li/Lf/T", "GFLOP TAGI", "GFLOP concat", "ratio", "XLA ratio",
+                     "s TAGI", "s concat", "time ratio"])
+    for r in results:
+        a_t, a_c = _total(r.analytic["tagi"]), _total(r.analytic["concat"])
+        x = r.xla["concat"] / r.xla["tagi"] if r.xla else float("nan")
+        st, sc = (r.seconds["tagi"], r.seconds["concat"]) if r.seconds else (float("nan"),) * 2
+        table.add(r.name[:44], r.instances, r.t, r.i, r.lengths, a_t / 1e9, a_c / 1e9, a_c / a_t, x, st, sc,
+                  sc / st if r.seconds else float("nan"))
+    m = summarize(results)
+    lines = [table.render(), ""]
+    lines.append(f"{label}: {len(results)} tasks, {m['instances']} instances; mean instruction t = {m['t']:.0f} "
+                 f"bytes, mean instance i = {m['i']:.0f} bytes (~{m['t'] / BYTES_PER_TOKEN:.0f} and "
+                 f"~{m['i'] / BYTES_PER_TOKEN:.0f} SentencePiece tokens at ~4 bytes/token, an estimate)")
+    xla = (f", {m['xla_ratio']:.2f} by XLA cost analysis (XLA/analytic: TAGI {m['xla_tagi'] / m['flops_tagi']:.3f},"
+           f" concat {m['xla_concat'] / m['flops_concat']:.3f})") if "xla_ratio" in m else ""
+    lines.append(f"{label}: FLOPs ratio (concat / TAGI): {m['flops_ratio']:.2f} analytic{xla}; "
+                 f"concat {m['flops_concat'] / 1e12:.3f} vs TAGI {m['flops_tagi'] / 1e12:.3f} TFLOP")
+    if "time_ratio" in m:
+        lines.append(f"{label}: wall-time ratio (concat / TAGI): {m['time_ratio']:.2f}; "
+                     f"concat {m['seconds_concat']:.2f} s ({m['instances'] / m['seconds_concat']:.1f} instances/s) "
+                     f"vs TAGI {m['seconds_tagi']:.2f} s ({m['instances'] / m['seconds_tagi']:.1f} instances/s) "
+                     f"for {m['instances']} instances")
+    lines.append(f"{label}: bound (t + i) / i = ({m['t']:.0f} + {m['i']:.0f}) / {m['i']:.0f} = {m['bound']:.2f}; "
+                 f"FLOPs ratio = {100 * m['flops_ratio'] / m['bound']:.0f}% of the bound"
+                 + (f", wall-time ratio = {100 * m['time_ratio'] / m['bound']:.0f}%" if "time_ratio" in m else "")
+                 + f"; encoder-only FLOPs ratio {m['encoder_ratio']:.2f}")
+    ft = m["flops_tagi"]
+    lines.append(f"{label}: estimate at SentencePiece lengths (every padded length / {BYTES_PER_TOKEN:.0f}, "
+                 f"analytic only): FLOPs ratio {m['flops_ratio_sp']:.2f}")
+    if s.fusion == "prepend":
+        lines.append(f"{label}: what-if (analytic): with the instruction's cross-attention keys/values computed once "
+                     f"per task instead of once per instance (needs a T5.decode change), FLOPs ratio "
+                     f"{m['flops_ratio_kv_once']:.2f}; without fusion (--fusion=none), "
+                     f"{m['flops_ratio_no_fusion']:.2f}")
+    lines.append(f"{label}: TAGI FLOPs: hypernetwork (once per task) {100 * m['tagi_hypernet'] / ft:.1f}%, "
+                 f"adapter ({s.adapter}) {100 * m['tagi_adapter'] / ft:.1f}%, "
+                 f"encoder {100 * m['tagi_encoder'] / ft:.1f}%, "
+                 f"decoder {100 * m['tagi_decoder'] / ft:.1f}% (of which fusion: cross-attention to the "
+                 f"instruction {100 * m['tagi_fusion'] / ft:.1f}%); concat FLOPs: encoder "
+                 f"{100 * m['concat_encoder'] / m['flops_concat']:.1f}%, decoder "
+                 f"{100 * m['concat_decoder'] / m['flops_concat']:.1f}%")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = Settings()
+    for field in dataclasses.fields(Settings):
+        if field.type in ("bool", bool):
+            p.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            kind = type(getattr(defaults, field.name))
+            p.add_argument(f"--{field.name}", type=kind, default=field.default)
+    p.add_argument("--suites", default="sni,synthetic", help="comma-separated: sni, synthetic")
+    p.add_argument("--sni_tasks", type=int, default=4,
+                   help="test tasks of the SNI sample, evenly spaced in its list (it has 12)")
+    p.add_argument("--synthetic_tasks", type=int, default=4, help="unseen synthetic tasks, one per category")
+    p.add_argument("--instances", type=int, default=100, help="instances per task")
+    p.add_argument("--num_pos", type=int, default=2, help="positive examples in the instruction (Def + k Pos)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed runs per task and path, rotating which path goes first; the minimum is kept (the "
+                        "first run of each executable also pays its one-time warm-up)")
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.suites.split(",")) - {"sni", "synthetic"})
+    if unknown:
+        p.error(f"--suites: unknown {unknown} (expected sni, synthetic)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        s = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+    except ValueError as e:
+        raise SystemExit(f"inference_cost: {e}") from None
+    from tagi_jax.vocab import get_vocabulary
+
+    print(f"command: {C.command_line('bench/inference_cost.py', args)}")
+    print(f"machine: {C.machine_description()}")
+    start = time.perf_counter()
+    vocab = get_vocabulary("byte")
+    bench = InferenceCost(s)
+    cfg = bench.t5_config
+    print(f"model: random-weight T5 v1.1 d_model={cfg.d_model} d_ff={cfg.d_ff} heads={cfg.num_heads}x{cfg.d_kv} "
+          f"layers={cfg.num_encoder_layers}+{cfg.num_decoder_layers} vocab={cfg.vocab_size} (bytes) float32; "
+          f"hypernetwork rank={s.rank} hidden={s.hyper_hidden} targets={','.join(bench.hyper_config.adapter_targets)}; "
+          f"fusion={s.fusion}, adapter={s.adapter}")
+    print(f"protocol: mode={s.mode}" + (" (teacher-forced on each task's first reference + EOS)" if s.mode == "score"
+                                       else f" ({s.decode_len} greedy steps, EOS disabled)")
+          + f", batch {s.batch_size}, lengths padded per batch to one of {s.buckets_per_octave} lengths per "
+          "power of two (instances sorted by length within a task); "
+          f"wall time = best of {args.repeats} runs per path (rotating order), compilation excluded; random weights "
+          "(cost does not depend on them); lengths in bytes")
+    print("columns: t = instruction bytes, i = mean instance bytes, Lh/Li/Lf/T = padded hypernetwork / TAGI "
+          "encoder / concat encoder / decoder lengths (last batch); ratio = concat / TAGI")
+    suites = []
+    if "sni" in args.suites.split(","):
+        sni_dir = C.shared_data_dir() / "sni_sample"
+        if not sni_dir.is_dir():
+            raise SystemExit(f"SNI sample not found at {sni_dir} (set TAGI_SHARED_DATA, or --suites=synthetic)")
+        suites.append(("SNI", sni_tasks(sni_dir, args.sni_tasks, args.instances, args.num_pos)))
+    if "synthetic" in args.suites.split(","):
+        suites.append(("synthetic", synthetic_tasks(args.synthetic_tasks, args.instances, args.num_pos, s.seed)))
+    for label, tasks in suites:
+        print(f"\n== {label}: Def + {args.num_pos} Pos, {len(tasks)} tasks x {args.instances} instances ==")
+        results = measure_suite(bench, tasks, vocab, repeats=args.repeats)
+        print(report(label, results, s), flush=True)
+    print(f"\n{len(bench.compiled)} executables compiled in {bench.compiled.compile_seconds:.0f} s; "
+          f"total {time.perf_counter() - start:.0f} s wall, {C.cpu_seconds():.0f} s CPU (this process)")
+
+
+if __name__ == "__main__":
+    main()
