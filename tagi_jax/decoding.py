@@ -318,7 +318,7 @@ def _expand_model_extras(extras: PyTree, beam_size: int) -> PyTree:
     extras = dict(extras)
     adapters = extras.pop("adapters")
     out = expand_to_beams(extras, beam_size)
-    out["adapters"] = lora.expand_batch(adapters, beam_size)
+    out["adapters"] = lora.split_layers(lora.expand_batch(adapters, beam_size))
     return out
 
 
@@ -396,6 +396,7 @@ def predict(
     }
     tokens_to_logits = t5_tokens_to_logits(model, params, max_decode_len)
     if beam_size == 1:
+        extras["adapters"] = lora.split_layers(adapters)  # once, outside the loop (see lora.split_layers)
         return greedy_search(tokens_to_logits, cache, batch_size=batch_size, max_decode_len=max_decode_len,
                              eos_id=eos_id, extras=extras, start_token_id=decoder_start_token_id)
     tokens, scores = beam_search(

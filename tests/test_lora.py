@@ -241,3 +241,30 @@ def test_block_factors_and_param_paths():
     assert lora.target_param_path("decoder_cross.k", 1) == ("decoder", "layers_1", "encoder_decoder_attention",
                                                             "key", "kernel")
     assert lora.target_param_path("encoder_ffn.wi_0", 0) == ("encoder", "layers_0", "mlp", "wi_0", "kernel")
+
+
+def test_layer_split_adapters_give_the_same_logits():
+    """`lora.split_layers` (what decoding uses before its loop) changes the layout, not the result."""
+    import jax
+    import numpy as np
+    from tagi_jax.models import lora as lora_lib
+    from tagi_jax.models.t5 import T5
+    from tagi_jax.models.t5_config import tiny_config
+
+    cfg = tiny_config()
+    model = T5(cfg)
+    rng = np.random.default_rng(0)
+    enc = rng.integers(3, cfg.vocab_size, size=(3, 7)).astype(np.int32)
+    dec = rng.integers(3, cfg.vocab_size, size=(3, 5)).astype(np.int32)
+    params = model.init(jax.random.key(0), enc, dec, dec)["params"]
+    adapters = {}
+    for target in lora_lib.DEFAULT_TARGETS:
+        layers, d_in, d_out = lora_lib.adapter_dims(cfg, target)
+        adapters[target] = {"A": rng.normal(size=(3, layers, d_in, 2)).astype(np.float32),
+                            "B": rng.normal(size=(3, layers, 2, d_out)).astype(np.float32), "scale": 0.5}
+    split = lora_lib.split_layers(adapters)
+    assert isinstance(split["encoder_self.q"]["A"], tuple)
+    lora_lib.check_adapters(cfg, split, batch=3)
+    full = model.apply({"params": params}, enc, dec, dec, adapters=adapters)
+    layered = model.apply({"params": params}, enc, dec, dec, adapters=split)
+    np.testing.assert_allclose(np.asarray(layered), np.asarray(full), atol=1e-6)
