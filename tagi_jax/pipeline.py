@@ -39,7 +39,7 @@ from tagi_jax import data as data_lib
 from tagi_jax import features as F
 from tagi_jax import losses
 from tagi_jax import trainer as trainer_lib
-from tagi_jax.config import ConfigError, get_key, require_choice
+from tagi_jax.config import ConfigError, require_choice
 from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.models.hypernet import HyperNetConfig
 from tagi_jax.models.t5_config import T5Config
@@ -525,8 +525,7 @@ def run_stage(ctx: RunContext, stage: str, stop_at: int | None = None) -> dict:
     t0 = time.time()
     state = trainer.fit(batches, initial_params=initial, stop_at=stop_at)
     seconds = time.time() - t0
-    if hasattr(trainer, "close"):
-        trainer.close()
+    trainer.close()
     return {"stage": stage, "step": int(jax.device_get(state.step)), "seconds": seconds,
             "resumed_from": trainer.resumed_from}
 
