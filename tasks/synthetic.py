@@ -840,9 +840,39 @@ def format_example(
     return ex
 
 
+def vocabulary_text(suite: Suite, num_pos: int = 2, instances_per_task: int = 4, seed: int = 0) -> list[str]:
+    """Text to train a vocabulary on: formatted training instances of the *seen* tasks (instruction, instance
+    and answer, so the format's words are pieces), then every atom an instance or answer can hold (lexicon
+    and label words, numbers, letters), as a real tokenizer covers the whole language.
+    No unseen task's definition or instance is read."""
+    from tagi_jax import features as F
+
+    lines = []
+    for task in suite.train_tasks:
+        for inst in task.instances(TRAIN, instances_per_task, seed=seed):
+            ex = format_example(task, inst, num_pos)
+            lines += [ex[F.HYPER_INPUTS], ex[F.INPUTS], ex[F.TARGETS]]
+    # Repeated so BPE merges each atom into one piece even where only held-out tasks use it (a label pair).
+    atoms = [" ".join(LEXICON), " ".join(w for pair in LABEL_PAIRS for w in pair),
+             " ".join(str(n) for n in range(100)), " ".join(string.ascii_lowercase)]
+    return lines + atoms * 10 + [" ".join(str(n) for n in range(100, 1000))]
+
+
 def seqio_task_name(task: SyntheticTask, prefix: str = "synthetic") -> str:
     """The registered SeqIO name (also the `task_name` feature): `<prefix>_<task name>`."""
     return f"{prefix}_{task.name}"
+
+
+def suite_for(seed: int, num_train_tasks: int, num_unseen_tasks: int, train_instances_per_task: int,
+              eval_instances_per_task: int) -> Suite:
+    """The suite `register_synthetic` registers for these settings."""
+    # Every task is valid on at least half of the inputs, so it finds its instances in pools this size; the
+    # train pool is small enough that each training input recurs in about 40% of the tasks of its kind.
+    return build_suite(
+        seed, num_train_tasks, num_unseen_tasks,
+        train_pool_size=max(200, 5 * train_instances_per_task),
+        test_pool_size=max(200, 3 * eval_instances_per_task),
+    )
 
 
 def register_synthetic(
@@ -857,11 +887,15 @@ def register_synthetic(
     prefix: str = "synthetic",
     metric_fns: Sequence[Callable] = (),
     postprocess_fn: Callable | None = None,
+    suite: Suite | None = None,
 ) -> dict:
     """Register one SeqIO task per synthetic task (`<prefix>_<name>`) and the mixtures `<prefix>_train`
-    (seen tasks; read split 'train'), `<prefix>_seen_eval` (the same tasks; read split 'test': inputs no
+    (the seen tasks' split 'train', read through one task `<prefix>_seen_tasks`), `<prefix>_seen_eval` (the same tasks; read split 'test': inputs no
     training instance has) and `<prefix>_unseen_eval` (unseen tasks; split 'test'). Test splits keep
     `references`. Deterministic from `seed`; nothing is read from disk or network.
+
+    `suite` (default: `suite_for(...)` of these arguments) lets a caller that needs the suite first (to
+    train a vocabulary on it) build it once.
 
     Returns {"suite": Suite, "task_names": registered names, seen tasks first (index = task id; the first
     len(train_task_names) are the seen tasks), "train_task_names", "unseen_task_names", "categories":
@@ -874,13 +908,9 @@ def register_synthetic(
                    ("eval_instances_per_task", eval_instances_per_task)):
         if n < 1:
             raise ValueError(f"synthetic: {key} must be >= 1, got {n}")
-    # Every task is valid on at least half of the inputs, so it finds its instances in pools this size; the
-    # train pool is small enough that each training input recurs in about 40% of the tasks of its kind.
-    suite = build_suite(
-        seed, num_train_tasks, num_unseen_tasks,
-        train_pool_size=max(200, 5 * train_instances_per_task),
-        test_pool_size=max(200, 3 * eval_instances_per_task),
-    )
+    if suite is None:
+        suite = suite_for(seed, num_train_tasks, num_unseen_tasks, train_instances_per_task,
+                          eval_instances_per_task)
     sizes = {TRAIN: train_instances_per_task, TEST: eval_instances_per_task}
 
     def make_source(task: SyntheticTask, name: str):
@@ -899,7 +929,25 @@ def register_synthetic(
     train_names = [names[t.name] for t in suite.train_tasks]
     unseen_names = [names[t.name] for t in suite.unseen_tasks]
     mixtures = {m: f"{prefix}_{m}" for m in ("train", "seen_eval", "unseen_eval")}
-    common.register_mixture(mixtures["train"], train_names)
+
+    # Training reads all seen tasks through one SeqIO task (each example keeps its own `task_name`, so task
+    # ids and teachers are per task): one tf.data pipeline per task costs ~0.2 s of graph building and
+    # start-up per task and stage, minutes for a few hundred tasks; every task has the same number of
+    # instances, so the shuffled union samples tasks uniformly, like the equal-rate mixture would. Shuffled
+    # here, not only by SeqIO's buffer: a buffer of 1000 over examples grouped by task would feed the model
+    # about ten tasks at a time, one after the other.
+    def all_seen_examples(split: str) -> list[dict]:
+        out = []
+        for task in suite.train_tasks:
+            insts = task.instances(split, sizes[split], seed=seed)
+            out += [format_example(task, inst, k, task_name=names[task.name]) for inst in insts]
+        random.Random(f"synthetic/{seed}/union/{split}").shuffle(out)
+        return out
+
+    union = f"{prefix}_seen_tasks"
+    common.register_task(union, common.function_source(all_seen_examples, splits=(TRAIN,), eval_splits=()),
+                         vocabulary, metric_fns=metric_fns, postprocess_fn=postprocess_fn)
+    common.register_mixture(mixtures["train"], [union])
     common.register_mixture(mixtures["seen_eval"], train_names)
     if unseen_names:
         common.register_mixture(mixtures["unseen_eval"], unseen_names)

@@ -218,10 +218,22 @@ def test_seqio_tasks_round_trip_with_byte_vocabulary():
     assert len(info["train_task_names"]) == 6 and len(info["unseen_task_names"]) == 6
     assert set(info["categories"]) == set(info["task_names"])
     assert set(info["categories"].values()) == set(S.CATEGORIES)
-    for key, members in (("train", info["train_task_names"]), ("seen_eval", info["train_task_names"]),
-                         ("unseen_eval", info["unseen_task_names"])):
+    for key, members in (("seen_eval", info["train_task_names"]), ("unseen_eval", info["unseen_task_names"])):
         mixture = seqio.get_mixture_or_task(info["mixtures"][key])
         assert sorted(t.name for t in mixture.tasks) == sorted(members)
+    # Training reads the union of the seen tasks' train splits through one task; each example keeps its task.
+    train = seqio.get_mixture_or_task(info["mixtures"]["train"])
+    assert [t.name for t in train.tasks] == ["syntest_seen_tasks"]
+    union = list(train.tasks[0].get_dataset(None, split=S.TRAIN, shuffle=False).as_numpy_iterator())
+    per_task = collections.Counter(ex[F.TASK_NAME].decode() for ex in union)
+    assert per_task == {name: 3 for name in info["train_task_names"]}
+    # Shuffled across tasks at the source (SeqIO's buffer alone would see tasks one after another).
+    order = [ex[F.TASK_NAME].decode() for ex in union]
+    assert order != sorted(order, key=info["train_task_names"].index)
+    first = info["train_task_names"][0]
+    task0 = {S.seqio_task_name(t, "syntest"): t for t in suite.train_tasks}[first]
+    assert sorted(ex[F.INPUTS + "_pretokenized"].decode() for ex in union if ex[F.TASK_NAME].decode() == first) == \
+        sorted(S.format_example(task0, inst, 2)[F.INPUTS] for inst in task0.instances(S.TRAIN, 3, seed=0))
     reference = seqio.get_mixture_or_task(info["task_names"][0]).output_features
     assert set(reference) == set(F.TEXT_FEATURES)
     for name in info["task_names"]:
