@@ -46,4 +46,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from tagi_jax.config import parse_flags_or_exit
+
+    app.run(main, flags_parser=parse_flags_or_exit)

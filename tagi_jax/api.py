@@ -112,7 +112,7 @@ class TAGIPredictor:
         if not os.path.isdir(workdir):
             raise FileNotFoundError(f"{workdir}: work directory not found")
         config, model, params = pipeline.load_trained(workdir, method)
-        vocab = get_vocabulary(config.data.vocabulary)
+        vocab = get_vocabulary(config.data.vocabulary, workdir)
         cache_dir = os.path.join(workdir, "adapter_cache") if cache_dir is None else cache_dir
         return cls(config, model, params, method, vocab, data_lib.task_lengths(config.data),
                    batch_size=int(config.eval.batch_size), max_decode_len=int(config.eval.max_decode_len),

@@ -281,3 +281,31 @@ def _validate_trainer_config(config: ConfigDict, data_parallel_size: int | None)
         if value == 0:
             raise ConfigError(f"config key '{key}' must be -1 (all remaining devices) or > 0, got 0")
     optim.validate_config(get_key(config, "optimizer"), total_steps=steps, prefix="optimizer")
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+    """absl `flags_parser` for the launchers: a bad `--config.key=value` (unknown key, wrong type) ends the
+    program with one line naming the key, instead of a traceback from inside `config_flags`."""
+    import sys
+
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - any parse failure ends the program with one line
+        config_path, overrides = None, []
+        for i, arg in enumerate(argv[1:], start=1):
+            if arg.startswith("--config="):
+                config_path = arg.split("=", 1)[1]
+            elif arg == "--config" and i + 1 < len(argv):
+                config_path = argv[i + 1]
+            elif arg.startswith("--config."):
+                overrides.append(arg if "=" in arg else f"{arg}=")
+        if config_path is not None:
+            try:
+                load_config(config_path, overrides)
+            except ConfigError as ce:
+                sys.exit(f"error: {ce}")
+            except Exception:  # noqa: BLE001 - fall back to absl's own message
+                pass
+        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")

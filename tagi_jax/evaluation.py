@@ -964,7 +964,7 @@ def run_evaluation(
     if config is None:
         config = pipeline.load_workdir_config(workdir)
     benchmark = benchmark or config.data.benchmark
-    vocab = get_vocabulary(config.data.vocabulary)
+    vocab = get_vocabulary(config.data.vocabulary, workdir)
     bench = register_benchmark_tasks(config, benchmark, vocab, sni_dir=sni_dir, p3_templates_dir=p3_templates_dir,
                                      p3_data_dir=p3_data_dir, p3_datasets=p3_datasets)
     splits = select_tasks(bench, tasks)

@@ -96,8 +96,9 @@ def default_config() -> config_dict.ConfigDict:
         "vocabulary": "byte",
         "setting": "def_pos2",
         "lengths": {"inputs": 64, "hyper_inputs": 256, "full_inputs": 320, "targets": 32},
+        # vocab_size: of the SentencePiece model trained on the suite when vocabulary = "synthetic_spm".
         "synthetic": {"seed": 0, "num_train_tasks": 360, "num_unseen_tasks": 90,
-                      "train_instances_per_task": 100, "eval_instances_per_task": 100},
+                      "train_instances_per_task": 100, "eval_instances_per_task": 100, "vocab_size": 1024},
         "sni": {"dir": "", "split": "default", "max_train_instances": 100, "max_test_instances": 100,
                 "seed": 42, "skip_bad_tasks": False},
         "pretrain": {"source": "", "seed": 0, "min_words": 16,
@@ -197,8 +198,17 @@ def validate(config: config_dict.ConfigDict) -> None:
 def _validate_data_paths(config) -> None:
     from tagi_jax.config import require_path
 
+    from tagi_jax import vocab as vocab_lib
+
     benchmark = require_choice(config, "data.benchmark", data_lib.BENCHMARKS)
-    if config.data.vocabulary != "byte":
+    if config.data.vocabulary == vocab_lib.TRAINED:
+        if benchmark != "synthetic":
+            raise ConfigError(f"config key 'data.vocabulary': {vocab_lib.TRAINED!r} is trained on the synthetic "
+                              f"suite; benchmark {benchmark!r} needs the SentencePiece model of its checkpoint")
+        if config.data.synthetic.vocab_size > config.model.vocab_size and not config.model.checkpoint:
+            raise ConfigError(f"config key 'data.synthetic.vocab_size' ({config.data.synthetic.vocab_size}) "
+                              f"exceeds 'model.vocab_size' ({config.model.vocab_size})")
+    elif config.data.vocabulary != vocab_lib.BYTE:
         require_path(config, "data.vocabulary", kind="file")
     if benchmark == "sni":
         require_path(config, "data.sni.dir", kind="dir")
@@ -485,6 +495,9 @@ def prepare(config: config_dict.ConfigDict, workdir: str) -> RunContext:
         t5, hf_params = hf.load_t5(config.model.checkpoint, dtype=config.model.dtype)
         t5 = t5.replace(dropout_rate=config.model.dropout_rate)
     model_cfg = tagi_config(config, num_teachers=len(info.teacher_keys(per)), t5=t5)
+    if info.vocabulary.vocab_size > model_cfg.t5.vocab_size:
+        raise ConfigError(f"config key 'model.vocab_size': the model has {model_cfg.t5.vocab_size} embeddings but "
+                          f"data.vocabulary has {info.vocabulary.vocab_size} ids")
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "model_config.json"), "w") as f:
             json.dump(model_cfg.t5.to_dict(), f, indent=1, sort_keys=True)
