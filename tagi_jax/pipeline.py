@@ -3,7 +3,7 @@
 Stages (each a `Trainer` run in `<workdir>/<stage>/`, resumable, whose output seeds later stages):
 
   backbone        plain T5 on the pretraining text (`full_inputs` = a|b -> c); only for runs that start from
-                  scratch (the demo). Real runs import a Hugging Face checkpoint (`model.checkpoint`) instead.
+                  scratch (the demo starts from the `concat` stage instead). Real runs import a Hugging Face checkpoint (`model.checkpoint`) instead.
   teachers        stage 0, "training with instance": one LoRA teacher per task (or per category) on the frozen
                   backbone, reading `full_inputs`; all teachers in one jitted step (a table indexed by task id).
   pretrain        stage 1: hypernetwork pretraining on a | b | c (a -> hypernetwork, b -> model, c target).
