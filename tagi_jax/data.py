@@ -15,7 +15,7 @@ from typing import Iterator, Mapping, Sequence
 from ml_collections import config_dict
 
 from tagi_jax import features as F
-from tagi_jax.config import ConfigError, require_choice, require_path
+from tagi_jax.config import ConfigError, get_key, require_choice, require_path
 
 BENCHMARKS = ("synthetic", "sni")
 
@@ -71,18 +71,27 @@ def _synthetic_corpus(suite_info: Mapping, path: str, seed: int, docs_per_task: 
     return path
 
 
+def require_vocabulary(config: config_dict.ConfigDict, key: str, benchmark: str) -> str:
+    """The vocabulary spec at `key`: 'byte', 'synthetic_spm' (synthetic suite only) or an existing file."""
+    from tagi_jax import vocab as vocab_lib
+
+    spec = get_key(config, key)
+    if spec == vocab_lib.TRAINED:
+        if benchmark != "synthetic":
+            raise ConfigError(f"config key '{key}': {vocab_lib.TRAINED!r} is trained on the synthetic suite; "
+                              f"benchmark {benchmark!r} needs the SentencePiece model of its checkpoint")
+    elif spec != vocab_lib.BYTE:
+        require_path(config, key, kind="file")
+    return spec
+
+
 def register_benchmark(data_cfg: config_dict.ConfigDict, workdir: str) -> DataInfo:
     """Register the configured benchmark and pretraining task; validates paths with the key named."""
     from tagi_jax import vocab as vocab_lib
     from tasks import pretrain
 
     benchmark = require_choice(data_cfg, "benchmark", BENCHMARKS)
-    vocab_spec = data_cfg.vocabulary
-    if vocab_spec not in (vocab_lib.BYTE, vocab_lib.TRAINED):
-        require_path(data_cfg, "vocabulary", kind="file")
-    if vocab_spec == vocab_lib.TRAINED and benchmark != "synthetic":
-        raise ConfigError(f"config key 'data.vocabulary': {vocab_lib.TRAINED!r} is trained on the synthetic "
-                          f"suite; benchmark {benchmark!r} needs the SentencePiece model of its checkpoint")
+    vocab_spec = require_vocabulary(data_cfg, "vocabulary", benchmark)
 
     if benchmark == "synthetic":
         from tasks import synthetic

@@ -3,7 +3,8 @@
 Stages (each a `Trainer` run in `<workdir>/<stage>/`, resumable, whose output seeds later stages):
 
   backbone        plain T5 on the pretraining text (`full_inputs` = a|b -> c); only for runs that start from
-                  scratch (the demo starts from the `concat` stage instead). Real runs import a Hugging Face checkpoint (`model.checkpoint`) instead.
+                  scratch (the demo starts from the `concat` stage instead). Real runs import a Hugging Face
+                  checkpoint (`model.checkpoint`) instead.
   teachers        stage 0, "training with instance": one LoRA teacher per task (or per category) on the frozen
                   backbone, reading `full_inputs`; all teachers in one jitted step (a table indexed by task id).
   pretrain        stage 1: hypernetwork pretraining on a | b | c (a -> hypernetwork, b -> model, c target).
@@ -196,20 +197,15 @@ def validate(config: config_dict.ConfigDict) -> None:
 
 
 def _validate_data_paths(config) -> None:
+    from tagi_jax import vocab as vocab_lib
     from tagi_jax.config import require_path
 
-    from tagi_jax import vocab as vocab_lib
-
     benchmark = require_choice(config, "data.benchmark", data_lib.BENCHMARKS)
-    if config.data.vocabulary == vocab_lib.TRAINED:
-        if benchmark != "synthetic":
-            raise ConfigError(f"config key 'data.vocabulary': {vocab_lib.TRAINED!r} is trained on the synthetic "
-                              f"suite; benchmark {benchmark!r} needs the SentencePiece model of its checkpoint")
-        if config.data.synthetic.vocab_size > config.model.vocab_size and not config.model.checkpoint:
-            raise ConfigError(f"config key 'data.synthetic.vocab_size' ({config.data.synthetic.vocab_size}) "
-                              f"exceeds 'model.vocab_size' ({config.model.vocab_size})")
-    elif config.data.vocabulary != vocab_lib.BYTE:
-        require_path(config, "data.vocabulary", kind="file")
+    vocab_spec = data_lib.require_vocabulary(config, "data.vocabulary", benchmark)
+    if (vocab_spec == vocab_lib.TRAINED and not config.model.checkpoint
+            and config.data.synthetic.vocab_size > config.model.vocab_size):
+        raise ConfigError(f"config key 'data.synthetic.vocab_size' ({config.data.synthetic.vocab_size}) "
+                          f"exceeds 'model.vocab_size' ({config.model.vocab_size})")
     if benchmark == "sni":
         require_path(config, "data.sni.dir", kind="dir")
     source = config.data.pretrain.source
