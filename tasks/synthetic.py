@@ -33,6 +33,7 @@ so the same model code reads both. `build_suite` is pure Python (tasks, instance
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import re
@@ -890,9 +891,9 @@ def register_synthetic(
     suite: Suite | None = None,
 ) -> dict:
     """Register one SeqIO task per synthetic task (`<prefix>_<name>`) and the mixtures `<prefix>_train`
-    (the seen tasks' split 'train', read through one task `<prefix>_seen_tasks`), `<prefix>_seen_eval` (the same tasks; read split 'test': inputs no
-    training instance has) and `<prefix>_unseen_eval` (unseen tasks; split 'test'). Test splits keep
-    `references`. Deterministic from `seed`; nothing is read from disk or network.
+    (the seen tasks' split 'train', read through one task `<prefix>_seen_tasks`), `<prefix>_seen_eval` (the
+    same tasks; read split 'test': inputs no training instance has) and `<prefix>_unseen_eval` (unseen tasks;
+    split 'test'). Test splits keep `references`. Deterministic from `seed`; nothing is read from disk or network.
 
     `suite` (default: `suite_for(...)` of these arguments) lets a caller that needs the suite first (to
     train a vocabulary on it) build it once.
@@ -913,19 +914,18 @@ def register_synthetic(
                           eval_instances_per_task)
     sizes = {TRAIN: train_instances_per_task, TEST: eval_instances_per_task}
 
-    def make_source(task: SyntheticTask, name: str):
-        def examples_fn(split: str) -> list[dict]:
-            insts = task.instances(split, sizes[split], seed=seed)
-            return [format_example(task, inst, k, with_references=split == TEST, task_name=name) for inst in insts]
+    names = {task.name: seqio_task_name(task, prefix) for task in suite.tasks}
 
-        splits = (TRAIN, TEST) if task.seen else (TEST,)
-        return common.function_source(examples_fn, splits=splits, eval_splits=(TEST,))
+    def task_examples(task: SyntheticTask, split: str) -> list[dict]:
+        insts = task.instances(split, sizes[split], seed=seed)
+        return [format_example(task, inst, k, with_references=split == TEST, task_name=names[task.name])
+                for inst in insts]
 
-    names = {}
     for task in suite.tasks:
-        names[task.name] = seqio_task_name(task, prefix)
-        common.register_task(names[task.name], make_source(task, names[task.name]), vocabulary,
-                             metric_fns=metric_fns, postprocess_fn=postprocess_fn)
+        splits = (TRAIN, TEST) if task.seen else (TEST,)
+        source = common.function_source(functools.partial(task_examples, task), splits=splits, eval_splits=(TEST,))
+        common.register_task(names[task.name], source, vocabulary, metric_fns=metric_fns,
+                             postprocess_fn=postprocess_fn)
     train_names = [names[t.name] for t in suite.train_tasks]
     unseen_names = [names[t.name] for t in suite.unseen_tasks]
     mixtures = {m: f"{prefix}_{m}" for m in ("train", "seen_eval", "unseen_eval")}
@@ -937,10 +937,7 @@ def register_synthetic(
     # here, not only by SeqIO's buffer: a buffer of 1000 over examples grouped by task would feed the model
     # about ten tasks at a time, one after the other.
     def all_seen_examples(split: str) -> list[dict]:
-        out = []
-        for task in suite.train_tasks:
-            insts = task.instances(split, sizes[split], seed=seed)
-            out += [format_example(task, inst, k, task_name=names[task.name]) for inst in insts]
+        out = [ex for task in suite.train_tasks for ex in task_examples(task, split)]
         random.Random(f"synthetic/{seed}/union/{split}").shuffle(out)
         return out
 
