@@ -50,6 +50,40 @@ def command_line(script: str, args: Any) -> str:
     return " ".join(["python", script] + flags)
 
 
+def settings_parser(settings_cls: type, description: str) -> "argparse.ArgumentParser":
+    """An argument parser with one flag per field of the `Settings` dataclass (booleans as --x/--no-x)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = settings_cls()
+    for field in dataclasses.fields(settings_cls):
+        if field.type in ("bool", bool):
+            p.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            p.add_argument(f"--{field.name}", type=type(getattr(defaults, field.name)), default=field.default)
+    return p
+
+
+def settings_from_args(settings_cls: type, args: Any, prog: str) -> Any:
+    """The `Settings` of the parsed flags; a bad value ends the program with one line."""
+    try:
+        return settings_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(settings_cls)})
+    except ValueError as e:
+        raise SystemExit(f"{prog}: {e}") from None
+
+
+def print_run_header(script: str, args: Any) -> None:
+    """The command that reproduces the run and the machine it ran on, first lines of every report."""
+    print(f"command: {command_line(script, args)}")
+    print(f"machine: {machine_description()}")
+
+
+def t5_description(cfg: T5Config) -> str:
+    """The backbone's shape, as the reports print it."""
+    return (f"random-weight T5 v1.1 d_model={cfg.d_model} d_ff={cfg.d_ff} heads={cfg.num_heads}x{cfg.d_kv} "
+            f"layers={cfg.num_encoder_layers}+{cfg.num_decoder_layers} vocab={cfg.vocab_size}")
+
+
 def machine_description() -> str:
     """CPU model, cores, load average and the JAX backend, for the README figures."""
     cpu = platform.processor() or "unknown CPU"

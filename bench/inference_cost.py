@@ -470,15 +470,7 @@ def report(label: str, results: Sequence[TaskResult], s: Settings) -> str:
 
 # ------------------------------------------------------------------------------------------ main
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = Settings()
-    for field in dataclasses.fields(Settings):
-        if field.type in ("bool", bool):
-            p.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=field.default)
-        else:
-            kind = type(getattr(defaults, field.name))
-            p.add_argument(f"--{field.name}", type=kind, default=field.default)
+    p = C.settings_parser(Settings, __doc__.split("\n\n")[0])
     p.add_argument("--suites", default="sni,synthetic", help="comma-separated: sni, synthetic")
     p.add_argument("--sni_tasks", type=int, default=4,
                    help="test tasks of the SNI sample, evenly spaced in its list (it has 12)")
@@ -497,20 +489,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
-        s = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
-    except ValueError as e:
-        raise SystemExit(f"inference_cost: {e}") from None
+    s = C.settings_from_args(Settings, args, "inference_cost")
     from tagi_jax.vocab import get_vocabulary
 
-    print(f"command: {C.command_line('bench/inference_cost.py', args)}")
-    print(f"machine: {C.machine_description()}")
+    C.print_run_header("bench/inference_cost.py", args)
     start = time.perf_counter()
     vocab = get_vocabulary("byte")
     bench = InferenceCost(s)
     cfg = bench.t5_config
-    print(f"model: random-weight T5 v1.1 d_model={cfg.d_model} d_ff={cfg.d_ff} heads={cfg.num_heads}x{cfg.d_kv} "
-          f"layers={cfg.num_encoder_layers}+{cfg.num_decoder_layers} vocab={cfg.vocab_size} (bytes) float32; "
+    print(f"model: {C.t5_description(cfg)} (bytes) float32; "
           f"hypernetwork rank={s.rank} hidden={s.hyper_hidden} targets={','.join(bench.hyper_config.adapter_targets)}; "
           f"fusion={s.fusion}, adapter={s.adapter}")
     print(f"protocol: mode={s.mode}" + (" (teacher-forced on each task's first reference + EOS)" if s.mode == "score"

@@ -305,10 +305,7 @@ def presplit_report(s: Settings) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for field in dataclasses.fields(Settings):
-        p.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
+    p = C.settings_parser(Settings, __doc__.split("\n\n")[0])
     p.add_argument("--diagnose", action=argparse.BooleanOptionalAction, default=False,
                    help="also time the encoder alone, inspect the compiled decoding loop, and compare with the "
                         "per-layer split of the adapters (a proposed fix) at several ranks")
@@ -318,15 +315,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
-        s = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
-    except ValueError as e:
-        raise SystemExit(f"mixed_batch: {e}") from None
-    print(f"command: {C.command_line('bench/mixed_batch.py', args)}")
-    print(f"machine: {C.machine_description()}")
+    s = C.settings_from_args(Settings, args, "mixed_batch")
+    C.print_run_header("bench/mixed_batch.py", args)
     cfg = C.small_t5_config(s.d_model, s.layers, s.heads, s.d_kv, s.d_ff)
-    print(f"model: random-weight T5 v1.1 d_model={cfg.d_model} d_ff={cfg.d_ff} heads={cfg.num_heads}x{cfg.d_kv} "
-          f"layers={cfg.num_encoder_layers}+{cfg.num_decoder_layers} vocab={cfg.vocab_size} float32; LoRA rank "
+    print(f"model: {C.t5_description(cfg)} float32; LoRA rank "
           f"{s.rank} on {s.targets}")
     print(f"protocol: batch {s.batch_size}, input length {s.input_len}, {s.decode_len} greedy steps (EOS "
           f"disabled), best of {s.repeats} interleaved runs (rotating order) after one untimed run each, "
