@@ -18,14 +18,14 @@ encoder (shared weights) and hands the states here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from tagi_jax.models import lora
-from tagi_jax.models.t5_config import T5Config
+from tagi_jax.models.t5_config import DictConfig, T5Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +53,9 @@ def target_spec(config: T5Config, target: str) -> TargetSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class HyperNetConfig:
+class HyperNetConfig(DictConfig):
     """What the hypernetwork generates and how wide it is."""
+    _unknown_keys_message = "hypernet: unknown keys"
     adapter_targets: tuple[str, ...] = lora.DEFAULT_TARGETS
     rank: int = 32
     lora_alpha: float = 32.0          # scale = lora_alpha / rank (PEFT convention)
@@ -91,19 +92,6 @@ class HyperNetConfig:
         for target in self.adapter_targets:
             target_spec(t5, target)
 
-    def replace(self, **kwargs) -> "HyperNetConfig":
-        return dataclasses.replace(self, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "HyperNetConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"hypernet: unknown keys {unknown}")
-        return cls(**dict(d))
 
 
 def masked_mean_pool(states: jax.Array, tokens: jax.Array) -> jax.Array:

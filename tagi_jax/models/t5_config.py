@@ -7,8 +7,33 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 
+class DictConfig:
+    """`replace`, `to_dict` and `from_dict` (unknown keys rejected) for the frozen model-config dataclasses."""
+
+    _unknown_keys_message = "unknown keys"  # the ValueError's text before the sorted unknown keys
+
+    def replace(self, **kwargs):
+        return dataclasses.replace(self, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def _check_keys(cls, d: Mapping[str, Any]) -> None:
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{cls._unknown_keys_message} {unknown}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        cls._check_keys(d)
+        return cls(**dict(d))
+
+
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(DictConfig):
+    _unknown_keys_message = "model: unknown T5 config keys"
+
     vocab_size: int = 32128
     d_model: int = 512
     d_kv: int = 64
@@ -67,20 +92,6 @@ class T5Config:
     @property
     def jnp_param_dtype(self):
         return jnp.dtype(self.param_dtype)
-
-    def replace(self, **kwargs) -> "T5Config":
-        return dataclasses.replace(self, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "T5Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"model: unknown T5 config keys {unknown}")
-        return cls(**dict(d))
 
 
 def tiny_config(**overrides) -> T5Config:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from tagi_jax import features as F
 from tagi_jax.models.hypernet import HyperNetConfig, HyperNetwork, masked_mean_pool
 from tagi_jax.models.t5 import T5
-from tagi_jax.models.t5_config import T5Config
+from tagi_jax.models.t5_config import DictConfig, T5Config
 from tagi_jax.models.teachers import TeacherTable
 
 FUSIONS = ("prepend", "none")
@@ -48,8 +48,9 @@ Generated = tuple[dict, jax.Array, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
-class TAGIConfig:
+class TAGIConfig(DictConfig):
     """Backbone, hypernetwork, fusion and teacher settings of one TAGI model (validated on creation)."""
+    _unknown_keys_message = "tagi: unknown keys"
     t5: T5Config = dataclasses.field(default_factory=T5Config)
     hypernet: HyperNetConfig = dataclasses.field(default_factory=HyperNetConfig)
     fusion: str = "prepend"
@@ -83,19 +84,10 @@ class TAGIConfig:
     def teacher_scale(self) -> float:
         return self.teacher_alpha / self.teacher_rank
 
-    def replace(self, **kwargs) -> "TAGIConfig":
-        return dataclasses.replace(self, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TAGIConfig":
+        cls._check_keys(d)
         d = dict(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"tagi: unknown keys {unknown}")
         if isinstance(d.get("t5"), Mapping):
             d["t5"] = T5Config.from_dict(d["t5"])
         if isinstance(d.get("hypernet"), Mapping):
