@@ -10,7 +10,6 @@ Face T5 the backbone came from (`--base_model`, default the config's model.check
 instruction fusion cannot be represented by a PEFT adapter: this stops with an explanation unless
 `--allow_fusion_loss` is given.
 """
-import json
 import os
 import sys
 
@@ -35,18 +34,13 @@ flags.mark_flags_as_required(["workdir", "instruction", "out"])
 def read_examples(path: str) -> list:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--examples: file not found: {path}")
+    from tagi_jax.jsonl import iter_jsonl
+
     out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(ex, dict) or "input" not in ex or "output" not in ex:
-                raise ValueError(f"{path}:{line_no}: expected an object with 'input' and 'output'")
-            out.append(ex)
+    for where, ex in iter_jsonl(path):
+        if not isinstance(ex, dict) or "input" not in ex or "output" not in ex:
+            raise ValueError(f"{where}: expected an object with 'input' and 'output'")
+        out.append(ex)
     return out
 
 

@@ -50,6 +50,7 @@ import tensorflow as tf
 import yaml
 
 from tagi_jax import features as F
+from tagi_jax.jsonl import iter_jsonl
 from tagi_jax.metrics import MTEST11
 from tasks import common
 
@@ -416,18 +417,10 @@ def _validate(ex: Mapping[str, Any], required: Iterable[str], where: str) -> dic
 
 def _iter_jsonl(path: str, convert: Callable[[dict], dict], required: Sequence[str]) -> Iterable[dict]:
     """Records of a JSONL file converted to HF fields; errors name the file, line and field."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON: {e.msg}") from e
-            if not isinstance(raw, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            yield _convert(raw, convert, required, where)
+    for where, raw in iter_jsonl(path):
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        yield _convert(raw, convert, required, where)
 
 
 def _convert(raw: dict, convert: Callable[[dict], dict], required: Sequence[str], where: str) -> dict:

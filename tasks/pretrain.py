@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
-import json
 import os
 import random
 import re
@@ -29,6 +28,7 @@ import seqio
 import tensorflow as tf
 
 from tagi_jax import features as F
+from tagi_jax.jsonl import iter_jsonl
 from tasks import common
 
 TASK_NAME = "pretrain"
@@ -113,19 +113,13 @@ def _split_files(directory: str, split: str) -> list[str]:
 def iter_documents(files: Sequence[str], text_field: str = "text") -> Iterable[str]:
     """Documents of local files: JSONL lines (field `text_field`) or blank-line-separated .txt paragraphs."""
     for path in files:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{line_no}: invalid JSON: {e.msg}") from e
-                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise ValueError(f"{path}:{line_no}: missing string field {text_field!r}")
-                    yield record[text_field]
-            else:
+        if path.endswith(".jsonl"):
+            for where, record in iter_jsonl(path):
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise ValueError(f"{where}: missing string field {text_field!r}")
+                yield record[text_field]
+        else:
+            with open(path, encoding="utf-8") as f:
                 for doc in _BLANK_LINES.split(f.read()):
                     if doc.strip():
                         yield doc.strip()
