@@ -40,8 +40,10 @@ def get_config():
     c.stages.concat.init_from = ""
     for stage in ("teachers", "pretrain", "no_instruction"):
         c.stages[stage].init_from = "concat"
-    steps = dict(concat=2600, teachers=200, pretrain=200, finetune=800, no_instruction=800, hint=800)
-    lrs = dict(concat=2e-3, teachers=5e-3, pretrain=1e-3, finetune=1e-3, no_instruction=1e-3, hint=1e-3)
+    steps = dict(concat=2000, teachers=200, pretrain=200, finetune=800, no_instruction=800, hint=800)
+    lrs = dict(concat=1e-3, teachers=5e-3, pretrain=1e-3, finetune=1e-3, no_instruction=1e-3, hint=1e-3)
+    # 1e-3 everywhere but the teachers: concat trained at 2e-3 learned half as well (1000 steps: seen ROUGE-L
+    # 30.7 vs 41.9, unseen 22.4 vs 33.3; 5e-3 diverged, 5e-4 was slower), and 2000 steps at 1e-3 gave 47.1 / 35.4.
     for stage, n in steps.items():
         s = c.stages[stage]
         s.train.update(dict(steps=n, batch_size=32, log_every=100, checkpoint_every=0, keep_checkpoints=1,
