@@ -41,6 +41,7 @@ from tagi_jax import features as F
 from tagi_jax import losses
 from tagi_jax import trainer as trainer_lib
 from tagi_jax.config import ConfigError, require_choice
+from tagi_jax.metrics import MTEST11
 from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.models.hypernet import HyperNetConfig
 from tagi_jax.models.t5_config import T5Config
@@ -102,6 +103,14 @@ def default_config() -> config_dict.ConfigDict:
                       "train_instances_per_task": 100, "eval_instances_per_task": 100, "vocab_size": 1024},
         "sni": {"dir": "", "split": "default", "max_train_instances": 100, "max_test_instances": 100,
                 "seed": 42, "skip_bad_tasks": False},
+        # P3 (T0): training tasks = every template of each `train_datasets` entry (promptsource paths, data at
+        # <train_data_dir>/<path>/train.jsonl with Hugging Face field names); evaluation = rank classification
+        # on the held-out sets at <eval_data_dir>/<dataset>/validation.jsonl (tasks/p3.py, `launch/eval.py`
+        # reads the same keys). Caps of 0 mean none; mixing_cap is T0's 500k (tasks.p3.register_p3_train).
+        "p3": {"templates_dir": "", "train_data_dir": "", "eval_data_dir": "",
+               "train_datasets": data_lib.T0_TRAIN_DATASETS, "eval_datasets": MTEST11,
+               "train_original_task_only": False, "eval_original_task_only": True,
+               "max_train_examples_per_task": 0, "mixing_cap": 500_000},
         "pretrain": {"source": "", "seed": 0, "min_words": 16,
                      "lengths": {"inputs": 64, "hyper_inputs": 128, "full_inputs": 192, "targets": 64}},
     })
@@ -208,6 +217,8 @@ def _validate_data_paths(config) -> None:
                           f"exceeds 'model.vocab_size' ({config.model.vocab_size})")
     if benchmark == "sni":
         require_path(config, "data.sni.dir", kind="dir")
+    if benchmark == "p3":
+        data_lib.require_p3(config, "data.p3")
     source = config.data.pretrain.source
     if source and not source.startswith("tfds:"):
         require_path(config, "data.pretrain.source", kind="dir")

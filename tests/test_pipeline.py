@@ -10,6 +10,7 @@ import pytest
 
 from tagi_jax import pipeline
 from tagi_jax.config import ConfigError, load_config
+from tagi_jax.jsonl import iter_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -136,3 +137,71 @@ def test_load_trained_errors(tmp_path, tiny_run):
         pipeline.load_trained(workdir, "tk_instruct")
     with pytest.raises(FileNotFoundError, match="config.json"):
         pipeline.load_trained(str(tmp_path), "tagi")
+
+
+# ------------------------------------------------------------------------------------------------ P3
+# Training datasets (promptsource path -> the shared held-out file standing in for its training split) and the
+# held-out sets evaluated: disjoint, so the summary's "unseen" is still unseen.
+P3_TRAIN = {"super_glue/rte": "rte", "super_glue/wic": "wic"}
+P3_EVAL = ("cb", "copa")
+
+
+@pytest.fixture(scope="module")
+def p3_dirs(shared_data, tmp_path_factory):
+    """Directories for a P3 run: no T0 training data is shared, so `train/<path>/train.jsonl` holds rows of
+    two shared held-out validation files, converted to the Hugging Face fields `register_p3_train` expects;
+    `corpus/` is pretraining text made of RTE premises."""
+    from tasks import p3
+
+    root = tmp_path_factory.mktemp("p3_data")
+    premises = []
+    for path, name in P3_TRAIN.items():
+        spec = p3.P3_EVAL_DATASETS[name]
+        source = shared_data / "p3_eval" / name / "validation.jsonl"
+        rows = [spec.from_raw(raw) for _, raw in iter_jsonl(str(source))]
+        out = root / "train" / path / "train.jsonl"
+        out.parent.mkdir(parents=True)
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
+        premises += [r["premise"] for r in rows[:32] if "premise" in r]
+    (root / "corpus").mkdir()
+    (root / "corpus" / "premises.txt").write_text("\n\n".join(premises) + "\n")
+    return {"templates_dir": str(shared_data / "promptsource_templates"), "train_data_dir": str(root / "train"),
+            "eval_data_dir": str(shared_data / "p3_eval"), "corpus": str(root / "corpus")}
+
+
+def tiny_p3_config(dirs, steps: int = 2):
+    c = tiny_config(steps)
+    c.data.benchmark = "p3"
+    c.data.vocabulary = "byte"
+    c.data.lengths.update(dict(inputs=64, hyper_inputs=64, full_inputs=96, targets=16))
+    c.data.pretrain.source = dirs["corpus"]
+    c.data.p3.update(dict(templates_dir=dirs["templates_dir"], train_data_dir=dirs["train_data_dir"],
+                          eval_data_dir=dirs["eval_data_dir"], train_datasets=tuple(P3_TRAIN),
+                          eval_datasets=P3_EVAL))
+    c.tagi.teachers_per = "category"  # one teacher per dataset
+    return c
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train_datasets", ("super_glue/rte", "super_glue/rtee"), r"'data\.p3\.train_datasets': unknown dataset\(s\) "
+                                                                   r"super_glue/rtee: no promptsource templates"),
+        ("train_datasets", ("super_glue/rte", "super_glue/cb"), r"'data\.p3\.train_data_dir': no .*/<dataset>/train"
+                                                                r"\.jsonl for super_glue/cb"),
+        ("train_datasets", (), r"'data\.p3\.train_datasets' is empty"),
+        ("train_datasets", ("super_glue/rte",) * 2, r"'data\.p3\.train_datasets' lists \['super_glue/rte'\] more"),
+        ("eval_datasets", ("cb", "mnli"), r"'data\.p3\.eval_datasets': unknown dataset\(s\) mnli; known: rte, cb"),
+        ("eval_datasets", ("hellaswag",), r"'data\.p3\.eval_data_dir': none of hellaswag has .*validation\.jsonl"),
+        ("train_data_dir", "/no/such/p3_train", r"'data\.p3\.train_data_dir': path does not exist"),
+        ("templates_dir", "", r"'data\.p3\.templates_dir' is required"),
+        ("eval_data_dir", "/no/such/p3_eval", r"'data\.p3\.eval_data_dir': path does not exist"),
+        ("mixing_cap", -1, r"'data\.p3\.mixing_cap' must be >= 0"),
+    ],
+)
+def test_bad_p3_config_fails_fast_in_one_line_naming_the_key(p3_dirs, key, value, message):
+    c = tiny_p3_config(p3_dirs)
+    c.data.p3[key] = value
+    with pytest.raises(ConfigError, match=message) as e:
+        pipeline.validate(c)
+    assert "\n" not in str(e.value)
