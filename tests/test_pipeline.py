@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from tagi_jax import data as data_lib
 from tagi_jax import pipeline
 from tagi_jax.config import ConfigError, load_config
 from tagi_jax.jsonl import iter_jsonl
@@ -16,6 +17,7 @@ from tagi_jax.metrics import MTEST11
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
+P3_T0 = os.path.join(REPO, "configs", "p3_t0.py")
 
 
 def tiny_config(steps: int = 2):
@@ -187,10 +189,10 @@ def tiny_p3_config(dirs, steps: int = 2):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("train_datasets", ("super_glue/rte", "super_glue/rtee"), r"'data\.p3\.train_datasets': unknown dataset\(s\) "
-                                                                   r"super_glue/rtee: no promptsource templates"),
-        ("train_datasets", ("super_glue/rte", "super_glue/cb"), r"'data\.p3\.train_data_dir': no .*/<dataset>/train"
-                                                                r"\.jsonl for super_glue/cb"),
+        ("train_datasets", ("super_glue/rte", "super_glue/rtee"),
+         r"'data\.p3\.train_datasets': unknown dataset\(s\) super_glue/rtee: no promptsource templates"),
+        ("train_datasets", ("super_glue/rte", "super_glue/cb"),
+         r"'data\.p3\.train_data_dir': no .*/<dataset>/train\.jsonl for super_glue/cb"),
         ("train_datasets", (), r"'data\.p3\.train_datasets' is empty"),
         ("train_datasets", ("super_glue/rte",) * 2, r"'data\.p3\.train_datasets' lists \['super_glue/rte'\] more"),
         ("eval_datasets", ("cb", "mnli"), r"'data\.p3\.eval_datasets': unknown dataset\(s\) mnli; known: rte, cb"),
@@ -207,6 +209,43 @@ def test_bad_p3_config_fails_fast_in_one_line_naming_the_key(p3_dirs, key, value
     with pytest.raises(ConfigError, match=message) as e:
         pipeline.validate(c)
     assert "\n" not in str(e.value)
+
+
+def _dummy_p3_paths(root) -> list[str]:
+    """Overrides that make configs/p3_t0.py valid: empty stand-ins for every file it names."""
+    for name in data_lib.T0_TRAIN_DATASETS:
+        for sub, file in (("templates", "templates.yaml"), ("train", "train.jsonl")):
+            (root / sub / name).mkdir(parents=True)
+            (root / sub / name / file).touch()
+    (root / "eval" / "rte").mkdir(parents=True)
+    (root / "eval" / "rte" / "validation.jsonl").touch()
+    (root / "ckpt").mkdir()
+    (root / "spiece.model").touch()
+    return [f"model.checkpoint={root / 'ckpt'}", f"data.vocabulary={root / 'spiece.model'}",
+            f"data.p3.templates_dir={root / 'templates'}", f"data.p3.train_data_dir={root / 'train'}",
+            f"data.p3.eval_data_dir={root / 'eval'}"]
+
+
+@pytest.mark.parametrize("size", ["base", "xl", "xxl"])
+def test_p3_t0_config_is_valid_for_every_size(size, tmp_path):
+    c = load_config(f"{P3_T0}:{size}", _dummy_p3_paths(tmp_path))
+    pipeline.validate(c)
+    # The published values the docstring attributes to T0 and the TAGI paper.
+    assert c.data.benchmark == "p3" and tuple(c.data.p3.eval_datasets) == MTEST11
+    assert tuple(c.data.p3.train_datasets) == data_lib.T0_TRAIN_DATASETS and len(data_lib.T0_TRAIN_DATASETS) == 38
+    assert c.data.p3.mixing_cap == 500_000 and not c.data.p3.train_original_task_only
+    assert (c.data.lengths.full_inputs, c.data.lengths.targets) == (1024, 256)
+    for stage in ("concat", "no_instruction", "finetune", "hint"):
+        s = c.stages[stage]
+        assert (s.optimizer.name, s.optimizer.learning_rate, s.optimizer.schedule) == ("adafactor", 1e-3, "constant")
+        assert (s.train.batch_size, s.train.steps) == (1024, 12_200)
+    with pytest.raises(ValueError, match="size 'small' is not one of"):
+        load_config(f"{P3_T0}:small")
+
+
+def test_p3_t0_config_requires_the_users_paths():
+    with pytest.raises(ConfigError, match=r"config key 'data\.vocabulary' is required"):
+        pipeline.validate(load_config(P3_T0))
 
 
 @pytest.fixture(scope="module")
