@@ -34,9 +34,12 @@ _BEAM_SIZE = flags.DEFINE_integer("beam_size", None, "1 = greedy (the SNI protoc
 _MAX_DECODE_LEN = flags.DEFINE_integer("max_decode_len", None, "Default: config eval.max_decode_len.")
 _CACHE = flags.DEFINE_bool("adapter_cache", True, "Reuse/keep generated adapters in WORKDIR/adapter_cache.")
 _SNI_DIR = flags.DEFINE_string("sni_dir", None, "natural-instructions directory (default: config data.sni.dir).")
-_P3_TEMPLATES = flags.DEFINE_string("p3_templates_dir", None, "promptsource templates directory.")
-_P3_DATA = flags.DEFINE_string("p3_data_dir", None, "P3 held-out validation JSONL directory (<dataset>/validation.jsonl).")
-_P3_DATASETS = flags.DEFINE_list("p3_datasets", None, "Only these P3 datasets (default: all MTest11 found).")
+_P3_TEMPLATES = flags.DEFINE_string("p3_templates_dir", None,
+                                    "promptsource templates directory (default: config data.p3.templates_dir).")
+_P3_DATA = flags.DEFINE_string("p3_data_dir", None, "P3 held-out validation JSONL directory "
+                               "(<dataset>/validation.jsonl; default: config data.p3.eval_data_dir).")
+_P3_DATASETS = flags.DEFINE_list("p3_datasets", None,
+                                 "Only these P3 datasets (default: config data.p3.eval_datasets, those found).")
 flags.mark_flags_as_required(["workdir"])
 
 

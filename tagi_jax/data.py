@@ -1,9 +1,9 @@
 """Which SeqIO tasks a run reads, registered from the `config.data` section, and the batches each stage sees.
 
-`register_benchmark(config.data, workdir)` registers the instruction benchmark (the synthetic suite or
-Super-NaturalInstructions) and the hypernetwork-pretraining task, and returns a `DataInfo` naming the mixtures,
-the training task names (their index is the task id the teacher table is indexed by) and their categories.
-Nothing is registered at import time.
+`register_benchmark(config.data, workdir)` registers the instruction benchmark (the synthetic suite,
+Super-NaturalInstructions, or P3: T0's training datasets and held-out evaluation) and the hypernetwork-pretraining
+task, and returns a `DataInfo` naming the mixtures, the training task names (their index is the task id the
+teacher table is indexed by) and their categories. Nothing is registered at import time.
 """
 from __future__ import annotations
 
@@ -15,9 +15,33 @@ from typing import Iterator, Mapping, Sequence
 from ml_collections import config_dict
 
 from tagi_jax import features as F
-from tagi_jax.config import ConfigError, get_key, require_choice, require_path
+from tagi_jax.config import ConfigError, get_key, require_choice, require_int, require_path
+from tagi_jax.metrics import MTEST11
 
-BENCHMARKS = ("synthetic", "sni")
+BENCHMARKS = ("synthetic", "sni", "p3")
+# T0's training datasets as promptsource paths: the `do_train=BASE` rows of t0/datasets.csv in
+# bigscience-workshop/t-zero (38 dataset/subsets: every template of each is a training task).
+T0_TRAIN_DATASETS = (
+    # multiple-choice QA
+    "cos_e/v1.11", "cosmos_qa", "dream", "qasc", "quail", "quarel", "quartz", "sciq", "social_i_qa",
+    "wiki_hop/original", "wiqa",
+    # extractive QA
+    "adversarial_qa/dbidaf", "adversarial_qa/dbert", "adversarial_qa/droberta", "duorc/SelfRC",
+    "duorc/ParaphraseRC", "ropes", "quoref",
+    # closed-book QA
+    "kilt_tasks/hotpotqa", "wiki_qa",
+    # structure to text
+    "common_gen", "wiki_bio",
+    # sentiment
+    "amazon_polarity", "app_reviews", "imdb", "rotten_tomatoes", "yelp_review_full",
+    # summarization
+    "cnn_dailymail/3.0.0", "gigaword", "multi_news", "samsum", "xsum",
+    # topic classification
+    "ag_news", "dbpedia_14", "trec",
+    # paraphrase identification
+    "glue/mrpc", "glue/qqp", "paws/labeled_final",
+)
+P3_TRAIN_MIXTURE, P3_EVAL_MIXTURE = "p3_train", "p3_t0_eval"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +52,7 @@ class DataInfo:
     pretrain_task: str
     train_task_names: tuple[str, ...]  # index = task id
     categories: Mapping[str, str]  # task name -> category
+    rank_classification: bool = False  # evaluation protocol: rank classification (P3), else generation
 
     def teacher_keys(self, per: str) -> tuple[str, ...]:
         """The rows of the teacher table: one per training task, or one per category."""
@@ -85,6 +110,72 @@ def require_vocabulary(config: config_dict.ConfigDict, key: str, benchmark: str)
     return spec
 
 
+@dataclasses.dataclass(frozen=True)
+class P3Settings:
+    """The checked `data.p3` section (see `pipeline.default_config`); 0 caps are None here."""
+
+    templates_dir: str
+    train_data_dir: str
+    eval_data_dir: str
+    train_datasets: tuple[str, ...]
+    eval_datasets: tuple[str, ...]
+    train_original_task_only: bool
+    eval_original_task_only: bool
+    max_train_examples_per_task: int | None
+    mixing_cap: int | None
+
+
+def _names(config: config_dict.ConfigDict, key: str) -> tuple[str, ...]:
+    value = get_key(config, key)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"config key '{key}' must be a list of dataset names, got {value!r}")
+    if not value:
+        raise ConfigError(f"config key '{key}' is empty: name at least one dataset")
+    twice = sorted({v for v in value if list(value).count(v) > 1})
+    if twice:
+        raise ConfigError(f"config key '{key}' lists {twice} more than once")
+    return tuple(value)
+
+
+def _listed(items: Sequence[str], limit: int = 5) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def require_p3(config: config_dict.ConfigDict, key: str = "data.p3") -> P3Settings:
+    """The P3 section at `key`, checked before any work: directories exist, every training dataset has
+    promptsource templates and a `train.jsonl`, every evaluation dataset is one of T0's held-out sets and at
+    least one has its `validation.jsonl`. Each failure is one line naming the key."""
+    templates_dir, train_dir, eval_dir = (os.path.expanduser(require_path(config, f"{key}.{name}", kind="dir"))
+                                          for name in ("templates_dir", "train_data_dir", "eval_data_dir"))
+    train = _names(config, f"{key}.train_datasets")
+    unknown = [n for n in train if not os.path.isfile(os.path.join(templates_dir, n, "templates.yaml"))]
+    if unknown:
+        raise ConfigError(f"config key '{key}.train_datasets': unknown dataset(s) {_listed(unknown)}: no "
+                          f"promptsource templates at {templates_dir}/<dataset>/templates.yaml")
+    missing = [n for n in train if not os.path.isfile(os.path.join(train_dir, n, "train.jsonl"))]
+    if missing:
+        raise ConfigError(f"config key '{key}.train_data_dir': no {train_dir}/<dataset>/train.jsonl for "
+                          f"{_listed(missing)}")
+    held_out = _names(config, f"{key}.eval_datasets")
+    unknown = [n for n in held_out if n not in MTEST11]
+    if unknown:
+        raise ConfigError(f"config key '{key}.eval_datasets': unknown dataset(s) {_listed(unknown)}; known: "
+                          f"{', '.join(MTEST11)}")
+    # tasks/p3.py's layout for the held-out sets (P3_EVAL_DATASETS): <dir>/<dataset>/validation.jsonl.
+    if not any(os.path.isfile(os.path.join(eval_dir, n, "validation.jsonl")) for n in held_out):
+        raise ConfigError(f"config key '{key}.eval_data_dir': none of {_listed(list(held_out))} has "
+                          f"{eval_dir}/<dataset>/validation.jsonl")
+    flags = {}
+    for flag in ("train_original_task_only", "eval_original_task_only"):
+        flags[flag] = get_key(config, f"{key}.{flag}")
+        if not isinstance(flags[flag], bool):
+            raise ConfigError(f"config key '{key}.{flag}' must be a bool, got {flags[flag]!r}")
+    caps = {name: require_int(config, f"{key}.{name}", 0) or None
+            for name in ("max_train_examples_per_task", "mixing_cap")}
+    return P3Settings(templates_dir, train_dir, eval_dir, train, held_out, **flags, **caps)
+
+
 def register_benchmark(data_cfg: config_dict.ConfigDict, workdir: str) -> DataInfo:
     """Register the configured benchmark and pretraining task; validates paths with the key named."""
     from tagi_jax import vocab as vocab_lib
@@ -92,6 +183,7 @@ def register_benchmark(data_cfg: config_dict.ConfigDict, workdir: str) -> DataIn
 
     benchmark = require_choice(data_cfg, "benchmark", BENCHMARKS)
     vocab_spec = require_vocabulary(data_cfg, "vocabulary", benchmark)
+    rank_classification = False
 
     if benchmark == "synthetic":
         from tasks import synthetic
@@ -120,6 +212,23 @@ def register_benchmark(data_cfg: config_dict.ConfigDict, workdir: str) -> DataIn
         source = data_cfg.pretrain.source or os.path.dirname(_synthetic_corpus(
             info, os.path.join(workdir, "data", "pretrain_corpus", "corpus.jsonl"), seed=s.seed
         ))
+    elif benchmark == "p3":
+        from tasks import p3
+
+        vocabulary = vocab_lib.get_vocabulary(vocab_spec)
+        s = require_p3(data_cfg, "p3")
+        train = p3.register_p3_train(
+            s.templates_dir, s.train_data_dir, s.train_datasets, vocabulary,
+            original_task_only=s.train_original_task_only, max_examples_per_task=s.max_train_examples_per_task,
+            mixing_cap=s.mixing_cap, mixture_name=P3_TRAIN_MIXTURE)
+        held_out = p3.register_p3_eval(s.templates_dir, s.eval_data_dir, vocabulary, datasets=s.eval_datasets,
+                                       original_task_only=s.eval_original_task_only, mixture_name=P3_EVAL_MIXTURE)
+        train_mixture, eval_mixtures = P3_TRAIN_MIXTURE, {"unseen": P3_EVAL_MIXTURE}
+        train_names = tuple(t for names in train.values() for t in names)
+        # A template's category is its dataset, so `tagi.teachers_per = "category"` gives one teacher per dataset.
+        categories = {t: ds for registered in (train, held_out) for ds, names in registered.items() for t in names}
+        rank_classification = True
+        source = data_cfg.pretrain.source
     else:
         from tasks import sni
 
@@ -143,8 +252,8 @@ def register_benchmark(data_cfg: config_dict.ConfigDict, workdir: str) -> DataIn
         train_names = tuple(t.name for t in seqio.get_mixture_or_task("sni_train").tasks)
         categories = sni.sni_task_categories(sni_dir, data_cfg.sni.split)
         source = data_cfg.pretrain.source
-        if not source:
-            raise ConfigError("config key 'data.pretrain.source' is empty: name a text directory or 'tfds:c4/en'")
+    if not source:
+        raise ConfigError("config key 'data.pretrain.source' is empty: name a text directory or 'tfds:c4/en'")
     if not source.startswith("tfds:") and not os.path.exists(source):
         raise ConfigError(f"config key 'data.pretrain.source': path not found: {source}")
     pretrain.register_pretrain(source, vocabulary, name="tagi_pretrain", seed=data_cfg.pretrain.seed,
@@ -156,6 +265,7 @@ def register_benchmark(data_cfg: config_dict.ConfigDict, workdir: str) -> DataIn
         pretrain_task="tagi_pretrain",
         train_task_names=train_names,
         categories=categories,
+        rank_classification=rank_classification,
     )
 
 

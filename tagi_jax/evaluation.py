@@ -904,13 +904,15 @@ def register_benchmark_tasks(config, benchmark: str, vocab, *, sni_dir: str | No
 
     templates = (p3_templates_dir or get_key(config, "data.p3.templates_dir", "")
                  or _shared_data_path("promptsource_templates"))
-    raw = p3_data_dir or get_key(config, "data.p3.data_dir", "") or _shared_data_path("p3_eval")
-    for what, path, flag in (("promptsource templates", templates, "--p3_templates_dir"),
-                             ("P3 evaluation data", raw, "--p3_data_dir")):
+    raw = p3_data_dir or get_key(config, "data.p3.eval_data_dir", "") or _shared_data_path("p3_eval")
+    for what, path, flag, key in (("promptsource templates", templates, "--p3_templates_dir", "templates_dir"),
+                                  ("P3 evaluation data", raw, "--p3_data_dir", "eval_data_dir")):
         if not path or not os.path.isdir(path):
             raise FileNotFoundError(f"{what} directory not found: {path!r} (set {flag}, config key "
-                                    f"'data.p3.{flag[5:]}', or TAGI_SHARED_DATA)")
-    registered = p3.register_p3_eval(templates, raw, vocab, datasets=list(p3_datasets) if p3_datasets else None)
+                                    f"'data.p3.{key}', or TAGI_SHARED_DATA)")
+    datasets = list(p3_datasets or get_key(config, "data.p3.eval_datasets", ())) or None
+    registered = p3.register_p3_eval(templates, raw, vocab, datasets=datasets,
+                                     original_task_only=bool(get_key(config, "data.p3.eval_original_task_only", True)))
     names = [t for ts in registered.values() for t in ts]
     categories = {t: ds for ds, ts in registered.items() for t in ts}
     return Benchmark("p3", {"validation": names}, categories, rank_classification=True)

@@ -41,6 +41,7 @@ from tagi_jax import features as F
 from tagi_jax import losses
 from tagi_jax import trainer as trainer_lib
 from tagi_jax.config import ConfigError, require_choice
+from tagi_jax.metrics import MTEST11
 from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.models.hypernet import HyperNetConfig
 from tagi_jax.models.t5_config import T5Config
@@ -102,6 +103,14 @@ def default_config() -> config_dict.ConfigDict:
                       "train_instances_per_task": 100, "eval_instances_per_task": 100, "vocab_size": 1024},
         "sni": {"dir": "", "split": "default", "max_train_instances": 100, "max_test_instances": 100,
                 "seed": 42, "skip_bad_tasks": False},
+        # P3 (T0): training tasks = every template of each `train_datasets` entry (promptsource paths, data at
+        # <train_data_dir>/<path>/train.jsonl with Hugging Face field names); evaluation = rank classification
+        # on the held-out sets at <eval_data_dir>/<dataset>/validation.jsonl (tasks/p3.py, `launch/eval.py`
+        # reads the same keys). Caps of 0 mean none; mixing_cap is T0's 500k (tasks.p3.register_p3_train).
+        "p3": {"templates_dir": "", "train_data_dir": "", "eval_data_dir": "",
+               "train_datasets": data_lib.T0_TRAIN_DATASETS, "eval_datasets": MTEST11,
+               "train_original_task_only": False, "eval_original_task_only": True,
+               "max_train_examples_per_task": 0, "mixing_cap": 500_000},
         "pretrain": {"source": "", "seed": 0, "min_words": 16,
                      "lengths": {"inputs": 64, "hyper_inputs": 128, "full_inputs": 192, "targets": 64}},
     })
@@ -208,6 +217,8 @@ def _validate_data_paths(config) -> None:
                           f"exceeds 'model.vocab_size' ({config.model.vocab_size})")
     if benchmark == "sni":
         require_path(config, "data.sni.dir", kind="dir")
+    if benchmark == "p3":
+        data_lib.require_p3(config, "data.p3")
     source = config.data.pretrain.source
     if source and not source.startswith("tfds:"):
         require_path(config, "data.pretrain.source", kind="dir")
@@ -603,12 +614,18 @@ def _merge_into(config: config_dict.ConfigDict, saved: Mapping) -> None:
 
 # ------------------------------------------------------------------------------------------------ summary
 def evaluate_methods(ctx: RunContext, methods: tuple[str, ...]) -> dict:
-    """ROUGE-L / exact match of each method on the benchmark's evaluation splits; writes summary.json."""
+    """Each method on the benchmark's evaluation splits, written to summary.json: ROUGE-L / exact match for the
+    generation benchmarks; for P3, rank-classification accuracy with the per-dataset means and the MTest11 /
+    HyperT5 averages (`metrics.p3_summary`), the numbers T0 and the TAGI paper report."""
     from tagi_jax import evaluation
 
     config = ctx.config
     lengths = data_lib.task_lengths(config.data)
-    splits = {label: data_lib.eval_examples(mixture, config.eval.max_examples_per_task)
+    rank = ctx.data.rank_classification
+    per_task = config.eval.max_examples_per_task
+    # Rank classification needs each example's answer choices and label: read every feature of the source.
+    splits = {label: (evaluation.task_examples(mixture, None, per_task, ctx.data.categories) if rank
+                      else data_lib.eval_examples(mixture, per_task))
               for label, mixture in ctx.data.eval_mixtures.items()}
     summary: dict[str, dict] = {}
     for method in methods:
@@ -619,13 +636,20 @@ def evaluate_methods(ctx: RunContext, methods: tuple[str, ...]) -> dict:
         _, model, params = load_trained(ctx.workdir, method)
         summary[method] = {}
         for label, examples in splits.items():
-            records, metrics = evaluation.evaluate(
-                method, model, params, examples, ctx.data.vocabulary, lengths=lengths,
-                batch_size=config.eval.batch_size, max_decode_len=config.eval.max_decode_len,
-                beam_size=config.eval.beam_size, categories=ctx.data.categories,
-                cache=evaluation.AdapterCache(os.path.join(ctx.workdir, "adapter_cache")))
+            cache = evaluation.AdapterCache(os.path.join(ctx.workdir, "adapter_cache"))
+            if rank:
+                records, metrics = evaluation.evaluate_rank_classification(
+                    method, model, params, examples, ctx.data.vocabulary, lengths=lengths,
+                    batch_size=config.eval.batch_size, cache=cache)
+                summary[method][label] = {"accuracy": float(metrics["accuracy"]), **metrics.get("p3", {})}
+            else:
+                records, metrics = evaluation.evaluate(
+                    method, model, params, examples, ctx.data.vocabulary, lengths=lengths,
+                    batch_size=config.eval.batch_size, max_decode_len=config.eval.max_decode_len,
+                    beam_size=config.eval.beam_size, categories=ctx.data.categories, cache=cache)
+                summary[method][label] = {"rougeL": float(metrics["rougeL"]),
+                                          "exact_match": float(metrics["exact_match"])}
             print(f"{method} / {label}: {evaluation.format_timing(metrics)}", flush=True)
-            summary[method][label] = {"rougeL": float(metrics["rougeL"]), "exact_match": float(metrics["exact_match"])}
             out_dir = os.path.join(ctx.workdir, "eval")
             os.makedirs(out_dir, exist_ok=True)
             with open(os.path.join(out_dir, f"{method}_{label}_predictions.jsonl"), "w") as f:
@@ -638,8 +662,11 @@ def evaluate_methods(ctx: RunContext, methods: tuple[str, ...]) -> dict:
     return summary
 
 
-def format_summary(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+def format_summary(summary: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """The console table of summary.json: ROUGE-L / EM columns, or accuracy columns for rank classification."""
     labels = sorted({label for m in summary.values() for label in m}, key=lambda x: (x != "unseen", x))
+    if any("accuracy" in m for by_label in summary.values() for m in by_label.values()):
+        return _format_accuracy_summary(summary, labels)
     header = f"{'method':<16}" + "".join(f"{label + ' ROUGE-L':>16}{label + ' EM':>12}" for label in labels)
     lines = [header, "-" * len(header)]
     for method, by_label in summary.items():
@@ -648,4 +675,30 @@ def format_summary(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> 
             m = by_label.get(label)
             row += f"{m['rougeL']:>16.1f}{m['exact_match']:>12.1f}" if m else f"{'-':>16}{'-':>12}"
         lines.append(row)
+    return "\n".join(lines)
+
+
+def _format_accuracy_summary(summary: Mapping[str, Mapping[str, Mapping[str, Any]]], labels: list[str]) -> str:
+    """Accuracy, the MTest11 / HyperT5 averages and each dataset's mean over its templates, per split label."""
+    columns = []  # (header, label, getter)
+    for label in labels:
+        found = {ds for by_label in summary.values() for ds in (by_label.get(label) or {}).get("per_dataset", {})}
+        columns += [(f"{label} acc", label, lambda m: m.get("accuracy")),
+                    ("MTest11", label, lambda m: m.get("mtest11_average")),
+                    ("HyperT5", label, lambda m: m.get("hypert5_average"))]
+        for ds in [d for d in MTEST11 if d in found] + sorted(found - set(MTEST11)):
+            columns.append((ds, label, lambda m, ds=ds: m.get("per_dataset", {}).get(ds)))
+    widths = [max(9, len(h) + 2) for h, _, _ in columns]
+    header = f"{'method':<16}" + "".join(f"{h:>{w}}" for (h, _, _), w in zip(columns, widths))
+    lines = [header, "-" * len(header)]
+    for method, by_label in summary.items():
+        row = f"{method:<16}"
+        for (_, label, get), w in zip(columns, widths):
+            value = get(by_label[label]) if label in by_label else None
+            row += f"{value:>{w}.1f}" if value is not None else f"{'-':>{w}}"
+        lines.append(row)
+    missing = {d for by_label in summary.values() for m in by_label.values() for d in m.get("mtest11_missing", [])}
+    missing = sorted(missing, key=MTEST11.index)
+    if missing:
+        lines.append(f"(not in the MTest11 average: {', '.join(missing)})")
     return "\n".join(lines)

@@ -79,9 +79,12 @@ def register_task(
     )
 
 
-def register_mixture(name: str, task_names: Sequence[str], default_rate: float = 1.0) -> seqio.Mixture:
+def register_mixture(name: str, task_names: Sequence[str], default_rate: float = 1.0,
+                     rates: Mapping[str, float | Callable[[seqio.Task], float]] | None = None) -> seqio.Mixture:
     """Register (or re-register) a mixture of already-registered tasks (equal rates by default).
 
+    `rates` gives some tasks their own rate: a number or a function of the task, which SeqIO calls only when
+    the mixture is read (so a rate may depend on data that registration must not open).
     Sampling continues until every task is exhausted (SeqIO's default stops at the first empty task, which
     silently shortens a one-epoch pass over tasks of different sizes).
     """
@@ -89,5 +92,7 @@ def register_mixture(name: str, task_names: Sequence[str], default_rate: float =
         raise ValueError(f"mixture {name!r}: no tasks")
     if name in seqio.MixtureRegistry.names():
         seqio.MixtureRegistry.remove(name)
+    rates = rates or {}
     sample_fn = functools.partial(tf.data.Dataset.sample_from_datasets, stop_on_empty_dataset=False)
-    return seqio.MixtureRegistry.add(name, [(t, default_rate) for t in task_names], sample_fn=sample_fn)
+    return seqio.MixtureRegistry.add(name, [(t, rates.get(t, default_rate)) for t in task_names],
+                                     sample_fn=sample_fn)

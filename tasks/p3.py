@@ -722,6 +722,7 @@ def register_p3_train(
     tfds_names: Mapping[str, str] | None = None,
     tfds_data_dir: str | None = None,
     max_examples_per_task: int | None = None,
+    mixing_cap: int | None = None,
     mixture_name: str = "p3_train",
 ) -> dict[str, list[str]]:
     """Register P3 training tasks (e.g. T0's training datasets) from the user's data, one per template.
@@ -736,7 +737,11 @@ def register_p3_train(
         every string / string-list field of the example (give it explicitly when a string field steers the
         template's control flow, like COPA's `question`).
       original_task_only: T0 trains on all templates (default False).
-      max_examples_per_task: cap per (template, split), e.g. T0's 500k.
+      max_examples_per_task: cap per (template, split) on the examples read (a truncation; T0 has none).
+      mixing_cap: T0's examples-proportional mixing: a template is sampled in proportion to its dataset's
+        training examples, a dataset with more than `mixing_cap` counting as `mixing_cap // (its number of
+        templates, all of them)` per template (T0: 500k; t-zero's `mixture_cap`). Sizes are counted (JSONL
+        records, TFDS split info) when the mixture is first read. None: every template at the same rate.
     Task names `p3_train_<dataset path, cleaned>_<template>`; the mixture `mixture_name` holds them all.
     Validation/test splits additionally carry references, answer choices and labels (templates with
     answer choices only). Returns {dataset path: [task names]}.
@@ -751,13 +756,17 @@ def register_p3_train(
         extra = sorted(set(mapping) - set(dataset_names))
         if extra:
             raise ValueError(f"register_p3_train: {key} names datasets not in dataset_names: {extra}")
+    if mixing_cap is not None and mixing_cap < 1:
+        raise ValueError(f"register_p3_train: mixing_cap must be >= 1 (or None), got {mixing_cap}")
     registered: dict[str, list[str]] = {}
+    rates: dict[str, Callable[[seqio.Task], float]] = {}
     for name in dataset_names:
         convert = field_maps.get(name, dict)
         if name in tfds_names:
             read = functools.partial(_read_train_tfds, tfds_name=tfds_names[name], data_dir=tfds_data_dir,
                                      convert=convert)
             present_splits = tuple(splits)
+            count = functools.partial(_tfds_split_size, tfds_names[name], tfds_data_dir)
         else:
             if data_dir is None:
                 raise ValueError(f"register_p3_train: {name!r} is not in tfds_names and no data_dir was given")
@@ -767,9 +776,11 @@ def register_p3_train(
                               f"{os.path.join(data_dir, name)}", stacklevel=2)
                 continue
             read = functools.partial(_read_train_jsonl, root=os.path.join(data_dir, name), convert=convert)
+            count = functools.partial(_jsonl_split_size, os.path.join(data_dir, name))
         fields = instance_fields.get(name)
         task_names = []
-        templates = load_templates(templates_dir, name).select(original_task_only)
+        all_templates = load_templates(templates_dir, name)
+        templates = all_templates.select(original_task_only)
         eval_splits = tuple(s for s in present_splits if s in EVAL_SPLITS)
         for template, task_name in zip(templates, _template_task_names(f"p3_train_{task_clean(name)}", templates)):
             splits_here = tuple(s for s in present_splits if s not in eval_splits or template.answer_choices)
@@ -780,10 +791,51 @@ def register_p3_train(
             warnings.warn(f"P3 training dataset {name!r} skipped: no templates selected", stacklevel=2)
             continue
         registered[name] = task_names
+        if mixing_cap is not None:
+            size_split = "train" if "train" in present_splits else present_splits[0]
+            rate = _T0Rate(functools.partial(count, size_split), len(all_templates.templates), mixing_cap,
+                           max_examples_per_task)
+            rates.update({t: rate for t in task_names})
     if not registered:
         raise FileNotFoundError(f"register_p3_train: no data found for any of {list(dataset_names)}")
-    common.register_mixture(mixture_name, [t for ts in registered.values() for t in ts])
+    common.register_mixture(mixture_name, [t for ts in registered.values() for t in ts], rates=rates)
     return registered
+
+
+@dataclasses.dataclass(frozen=True)
+class _T0Rate:
+    """A template's mixing rate as t-zero computes it (`mixture_cap`), from its dataset's size, counted once."""
+
+    count: Callable[[], int]
+    num_templates: int
+    cap: int
+    max_examples: int | None = None
+
+    def __call__(self, task: seqio.Task | None = None) -> float:
+        size = self.count()
+        rate = size if size <= self.cap else self.cap // self.num_templates
+        return float(rate if self.max_examples is None else min(rate, self.max_examples))
+
+
+@functools.lru_cache(maxsize=None)
+def _count_records(path: str, mtime_ns: int, size: int) -> int:
+    del mtime_ns, size  # cache key only: a rewritten file is counted again
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _jsonl_split_size(root: str, split: str) -> int:
+    """Records (non-blank lines) of `<root>/<split>.jsonl`."""
+    path = os.path.join(root, f"{split}.jsonl")
+    stat = os.stat(path)
+    return _count_records(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _tfds_split_size(tfds_name: str, data_dir: str | None, split: str) -> int:
+    import tensorflow_datasets as tfds  # only when a TFDS dataset's size is actually needed
+
+    return int(tfds.builder(tfds_name, data_dir=data_dir).info.splits[split].num_examples)
 
 
 def _read_train_jsonl(split: str, root: str, convert) -> Iterable[dict]:

@@ -369,6 +369,23 @@ def test_register_p3_train_options(toy):
         p3.register_p3_train(templates_dir, data_dir, ["toy"], VOCAB, field_maps={"other": dict})
 
 
+def test_register_p3_train_t0_mixing_rates(toy):
+    """T0's examples-proportional mixing: rate = the dataset's size, or cap // its templates above the cap."""
+    templates_dir, data_dir = toy
+
+    def rates(**kwargs):
+        p3.register_p3_train(templates_dir, data_dir, ["toy"], VOCAB, mixture_name="toy_mix", **kwargs)
+        mixture = seqio.get_mixture_or_task("toy_mix")
+        return [mixture.get_rate(t) for t in mixture.tasks]
+
+    assert rates() == [1.0, 1.0]  # no cap: every template alike
+    assert rates(mixing_cap=100) == [3.0, 3.0]  # 3 training rows, under the cap
+    assert rates(mixing_cap=2) == [1.0, 1.0]  # over the cap: 2 // 2 templates
+    assert rates(mixing_cap=100, max_examples_per_task=2) == [2.0, 2.0]  # never above what a task yields
+    with pytest.raises(ValueError, match="mixing_cap must be >= 1"):
+        rates(mixing_cap=0)
+
+
 # ------------------------------------------------------------------------------------------------ no network, lazy
 def test_registration_reads_no_data_and_no_network(dirs, toy, monkeypatch):
     def no_network(*args, **kwargs):
@@ -389,6 +406,7 @@ def test_registration_reads_no_data_and_no_network(dirs, toy, monkeypatch):
         reg = p3.register_p3_eval(dirs[0], None, VOCAB, datasets=["rte", "story_cloze"], use_tfds=True,
                                   mixture_name="lazy_tfds")
     assert list(reg) == ["rte"]
-    p3.register_p3_train(toy[0], toy[1], ["toy"], VOCAB, tfds_names={}, mixture_name="lazy_train")
+    monkeypatch.setattr(p3, "_count_records", no_reading)
+    p3.register_p3_train(toy[0], toy[1], ["toy"], VOCAB, tfds_names={}, mixing_cap=10, mixture_name="lazy_train")
     p3.register_p3_train(toy[0], None, ["toy"], VOCAB, tfds_names={"toy": "imdb_reviews:1.0.0"},
                          mixture_name="lazy_train_tfds")

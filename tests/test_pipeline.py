@@ -1,4 +1,5 @@
-"""The training pipeline: config validation (fast, before any work) and one tiny end-to-end run of every stage."""
+"""The training pipeline: config validation (fast, before any work) and tiny end-to-end runs of every stage, on
+the synthetic suite and on P3 (rank classification on the real held-out sets)."""
 import json
 import os
 import subprocess
@@ -8,11 +9,15 @@ import jax
 import numpy as np
 import pytest
 
+from tagi_jax import data as data_lib
 from tagi_jax import pipeline
 from tagi_jax.config import ConfigError, load_config
+from tagi_jax.jsonl import iter_jsonl
+from tagi_jax.metrics import MTEST11
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
+P3_T0 = os.path.join(REPO, "configs", "p3_t0.py")
 
 
 def tiny_config(steps: int = 2):
@@ -136,3 +141,147 @@ def test_load_trained_errors(tmp_path, tiny_run):
         pipeline.load_trained(workdir, "tk_instruct")
     with pytest.raises(FileNotFoundError, match="config.json"):
         pipeline.load_trained(str(tmp_path), "tagi")
+
+
+# ------------------------------------------------------------------------------------------------ P3
+# Training datasets (promptsource path -> the shared held-out file standing in for its training split) and the
+# held-out sets evaluated: disjoint, so the summary's "unseen" is still unseen.
+P3_TRAIN = {"super_glue/rte": "rte", "super_glue/wic": "wic"}
+P3_EVAL = ("cb", "copa")
+
+
+@pytest.fixture(scope="module")
+def p3_dirs(shared_data, tmp_path_factory):
+    """Directories for a P3 run: no T0 training data is shared, so `train/<path>/train.jsonl` holds rows of
+    two shared held-out validation files, converted to the Hugging Face fields `register_p3_train` expects;
+    `corpus/` is pretraining text made of RTE premises."""
+    from tasks import p3
+
+    root = tmp_path_factory.mktemp("p3_data")
+    premises = []
+    for path, name in P3_TRAIN.items():
+        spec = p3.P3_EVAL_DATASETS[name]
+        source = shared_data / "p3_eval" / name / "validation.jsonl"
+        rows = [spec.from_raw(raw) for _, raw in iter_jsonl(str(source))]
+        out = root / "train" / path / "train.jsonl"
+        out.parent.mkdir(parents=True)
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
+        premises += [r["premise"] for r in rows[:32] if "premise" in r]
+    (root / "corpus").mkdir()
+    (root / "corpus" / "premises.txt").write_text("\n\n".join(premises) + "\n")
+    return {"templates_dir": str(shared_data / "promptsource_templates"), "train_data_dir": str(root / "train"),
+            "eval_data_dir": str(shared_data / "p3_eval"), "corpus": str(root / "corpus")}
+
+
+def tiny_p3_config(dirs, steps: int = 2):
+    c = tiny_config(steps)
+    c.data.benchmark = "p3"
+    c.data.vocabulary = "byte"
+    c.data.lengths.update(dict(inputs=64, hyper_inputs=64, full_inputs=96, targets=16))
+    c.data.pretrain.source = dirs["corpus"]
+    c.data.p3.update(dict(templates_dir=dirs["templates_dir"], train_data_dir=dirs["train_data_dir"],
+                          eval_data_dir=dirs["eval_data_dir"], train_datasets=tuple(P3_TRAIN),
+                          eval_datasets=P3_EVAL))
+    c.tagi.teachers_per = "category"  # one teacher per dataset
+    return c
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train_datasets", ("super_glue/rte", "super_glue/rtee"),
+         r"'data\.p3\.train_datasets': unknown dataset\(s\) super_glue/rtee: no promptsource templates"),
+        ("train_datasets", ("super_glue/rte", "super_glue/cb"),
+         r"'data\.p3\.train_data_dir': no .*/<dataset>/train\.jsonl for super_glue/cb"),
+        ("train_datasets", (), r"'data\.p3\.train_datasets' is empty"),
+        ("train_datasets", ("super_glue/rte",) * 2, r"'data\.p3\.train_datasets' lists \['super_glue/rte'\] more"),
+        ("eval_datasets", ("cb", "mnli"), r"'data\.p3\.eval_datasets': unknown dataset\(s\) mnli; known: rte, cb"),
+        ("eval_datasets", ("hellaswag",), r"'data\.p3\.eval_data_dir': none of hellaswag has .*validation\.jsonl"),
+        ("train_data_dir", "/no/such/p3_train", r"'data\.p3\.train_data_dir': path does not exist"),
+        ("templates_dir", "", r"'data\.p3\.templates_dir' is required"),
+        ("eval_data_dir", "/no/such/p3_eval", r"'data\.p3\.eval_data_dir': path does not exist"),
+        ("mixing_cap", -1, r"'data\.p3\.mixing_cap' must be >= 0"),
+    ],
+)
+def test_bad_p3_config_fails_fast_in_one_line_naming_the_key(p3_dirs, key, value, message):
+    c = tiny_p3_config(p3_dirs)
+    c.data.p3[key] = value
+    with pytest.raises(ConfigError, match=message) as e:
+        pipeline.validate(c)
+    assert "\n" not in str(e.value)
+
+
+def _dummy_p3_paths(root) -> list[str]:
+    """Overrides that make configs/p3_t0.py valid: empty stand-ins for every file it names."""
+    for name in data_lib.T0_TRAIN_DATASETS:
+        for sub, file in (("templates", "templates.yaml"), ("train", "train.jsonl")):
+            (root / sub / name).mkdir(parents=True)
+            (root / sub / name / file).touch()
+    (root / "eval" / "rte").mkdir(parents=True)
+    (root / "eval" / "rte" / "validation.jsonl").touch()
+    (root / "ckpt").mkdir()
+    (root / "spiece.model").touch()
+    return [f"model.checkpoint={root / 'ckpt'}", f"data.vocabulary={root / 'spiece.model'}",
+            f"data.p3.templates_dir={root / 'templates'}", f"data.p3.train_data_dir={root / 'train'}",
+            f"data.p3.eval_data_dir={root / 'eval'}"]
+
+
+@pytest.mark.parametrize("size", ["base", "xl", "xxl"])
+def test_p3_t0_config_is_valid_for_every_size(size, tmp_path):
+    c = load_config(f"{P3_T0}:{size}", _dummy_p3_paths(tmp_path))
+    pipeline.validate(c)
+    # The published values the docstring attributes to T0 and the TAGI paper.
+    assert c.data.benchmark == "p3" and tuple(c.data.p3.eval_datasets) == MTEST11
+    assert tuple(c.data.p3.train_datasets) == data_lib.T0_TRAIN_DATASETS and len(data_lib.T0_TRAIN_DATASETS) == 38
+    assert c.data.p3.mixing_cap == 500_000 and not c.data.p3.train_original_task_only
+    assert (c.data.lengths.full_inputs, c.data.lengths.targets) == (1024, 256)
+    for stage in ("concat", "no_instruction", "finetune", "hint"):
+        s = c.stages[stage]
+        assert (s.optimizer.name, s.optimizer.learning_rate, s.optimizer.schedule) == ("adafactor", 1e-3, "constant")
+        assert (s.train.batch_size, s.train.steps) == (1024, 12_200)
+    with pytest.raises(ValueError, match="size 'small' is not one of"):
+        load_config(f"{P3_T0}:small")
+
+
+def test_p3_t0_config_requires_the_users_paths():
+    with pytest.raises(ConfigError, match=r"config key 'data\.vocabulary' is required"):
+        pipeline.validate(load_config(P3_T0))
+
+
+@pytest.fixture(scope="module")
+def tiny_p3_run(p3_dirs, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pipeline_p3"))
+    with pytest.warns(UserWarning, match="truncated"):  # byte-level toy lengths cut the longer prompts
+        result = pipeline.run(tiny_p3_config(p3_dirs), workdir)
+    return workdir, result
+
+
+def test_p3_pipeline_trains_every_stage_and_reports_accuracy(tiny_p3_run, p3_dirs):
+    """Plumbing only (a tiny model, 2 steps a stage, two held-out validation files standing in for T0's training
+    data): every stage trains on the P3 training mixture and every method gets rank-classification accuracy
+    on the held-out sets in summary.json."""
+    from tasks import p3
+
+    workdir, result = tiny_p3_run
+    assert [r["stage"] for r in result["stages"]] == list(pipeline.STAGES)
+    assert all(r["step"] == 2 for r in result["stages"])
+    with open(os.path.join(workdir, "tasks.json")) as f:
+        tasks = json.load(f)
+    templates = {path: len(p3.load_templates(p3_dirs["templates_dir"], path).templates) for path in P3_TRAIN}
+    assert len(tasks["train_task_names"]) == sum(templates.values())  # every template of each dataset
+    assert tasks["teacher_keys"] == sorted(P3_TRAIN)  # teachers_per="category": one per dataset
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    assert set(summary) == set(pipeline.METHODS)
+    for method in pipeline.METHODS:
+        m = summary[method]["unseen"]
+        assert 0.0 <= m["accuracy"] <= 100.0
+        assert set(m["per_dataset"]) == set(P3_EVAL)
+        assert m["mtest11_average"] == pytest.approx(np.mean([m["per_dataset"][d] for d in P3_EVAL]))
+        assert set(m["mtest11_missing"]) == set(MTEST11) - set(P3_EVAL)
+        with open(os.path.join(workdir, "eval", f"{method}_unseen_predictions.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+        assert all((r["prediction"] == r["references"][0]) == (r["choice"] == r["label"]) for r in records)
+        assert {r["task_name"].split("_")[1] for r in records} == set(P3_EVAL)
+    table = pipeline.format_summary(summary)
+    assert "unseen acc" in table and "MTest11" in table and "copa" in table and "ROUGE-L" not in table
