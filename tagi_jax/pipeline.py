@@ -156,7 +156,7 @@ def tagi_config(config: config_dict.ConfigDict, num_teachers: int, t5: T5Config 
             t5=t5, hypernet=hyper, fusion=config.tagi.fusion, num_teachers=num_teachers,
             teacher_rank=config.tagi.teacher_rank, teacher_alpha=config.tagi.teacher_alpha,
             separate_hyper_encoder=config.tagi.separate_hyper_encoder)
-    except (TypeError, ValueError, NotImplementedError) as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"config key 'hypernet'/'tagi': {e}") from None
 
 
