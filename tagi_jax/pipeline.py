@@ -106,7 +106,7 @@ def default_config() -> config_dict.ConfigDict:
     c.model.checkpoint = ""  # a Hugging Face T5 directory to import the backbone from ("" = from scratch)
     c.hypernet = _dataclass_section(HyperNetConfig)
     c.tagi = config_dict.ConfigDict({
-        "fusion": "prepend",
+        "fusion": "prepend",  # "prepend", "encoder_cross_attention" or "none" (tagi_jax.models.tagi)
         "separate_hyper_encoder": False,
         "teacher_rank": 32,
         "teacher_alpha": 32.0,
