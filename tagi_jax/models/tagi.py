@@ -11,9 +11,10 @@ Parameter tree (top level)::
 With fusion "encoder_cross_attention" every `t5/encoder/layers_<i>` also holds the fusion sub-block
 (`pre_instruction_attention_layer_norm`, `instruction_attention`; see `tagi_jax.models.t5`).
 
-`params["t5"]` is an ordinary T5 parameter tree (plus the fusion sub-blocks above), so Hugging Face imports,
-`lora.merge_adapter` and `tagi_jax.decoding.predict(T5(config.t5), params["t5"], ...)` work on it unchanged;
-`student_decoding_inputs` gives `predict` the generated adapters and fused instruction states.
+`params["t5"]` is an ordinary T5 parameter tree (plus the fusion sub-blocks above, which a Hugging Face export
+refuses), so Hugging Face imports, `lora.merge_adapter` and `tagi_jax.decoding.predict(T5(config.t5),
+params["t5"], ...)` work on it unchanged; `student_decoding_inputs` gives `predict` the generated adapters and
+the fused instruction states.
 
 Instruction fusion (`TAGIConfig.fusion`):
 * "prepend" (default, the original code's): the decoder cross-attends to the encoded instruction
