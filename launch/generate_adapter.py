@@ -56,7 +56,7 @@ def main(argv):
         examples = read_examples(_EXAMPLES.value) if _EXAMPLES.value else None
         predictor = TAGIPredictor.load(_WORKDIR.value, _METHOD.value)
         if predictor.uses_fusion and not _ALLOW_FUSION_LOSS.value:
-            check_fusion(True, False)  # stop before generating anything
+            check_fusion(True, False, predictor.fusion)  # stop before generating anything
         adapter = predictor.generate_adapter(_INSTRUCTION.value, examples, raw=_RAW.value)
         out = predictor.save_adapter(_OUT.value, adapter, allow_fusion_loss=_ALLOW_FUSION_LOSS.value,
                                      base_model_name_or_path=_BASE.value)

@@ -123,8 +123,14 @@ class TAGIPredictor:
         return self.method in evaluation.ADAPTER_METHODS
 
     @property
+    def fusion(self) -> str:
+        """The model's instruction fusion ("prepend", "encoder_cross_attention" or "none")."""
+        return getattr(self.model.config, "fusion", "none")
+
+    @property
     def uses_fusion(self) -> bool:
-        return self.uses_adapters and getattr(self.model.config, "fusion", "none") == "prepend"
+        """Whether adapters of this method carry the encoded instruction the model also reads."""
+        return self.uses_adapters and self.fusion != "none"
 
     # ------------------------------------------------------------------------------------------------ adapters
     def generate_adapter(self, instruction: str, examples: Sequence[Mapping[str, str]] | None = None, *,
@@ -161,7 +167,7 @@ class TAGIPredictor:
             base = str(self.config.model.get("checkpoint", "")) or None
         return export.export_peft_adapter(
             adapter.adapters, path, self.model.config.t5, base_model_name_or_path=base,
-            uses_fusion=self.uses_fusion, allow_fusion_loss=allow_fusion_loss,
+            uses_fusion=self.uses_fusion, allow_fusion_loss=allow_fusion_loss, fusion=self.fusion,
             metadata={"instruction": adapter.instruction, "method": self.method, "workdir": self.workdir,
                       "checkpoint_fingerprint": self.cache.fingerprint(self.params, self.model)},
             instruction_states=adapter.states if self.uses_fusion else None,
@@ -180,7 +186,7 @@ class TAGIPredictor:
         states = export.load_instruction_states(path)
         if self.uses_fusion and states is None:
             raise ValueError(f"load_adapter: {path} has no encoded instruction ({export.STATES_FILE}) but this "
-                             "model fuses the instruction into the decoder; regenerate it with generate_adapter")
+                             f"model fuses it (fusion {self.fusion!r}); regenerate it with generate_adapter")
         if states is not None and states[0].shape[-1] != cfg.t5.d_model:
             raise ValueError(f"load_adapter: {path}: instruction states have width {states[0].shape[-1]}, the "
                              f"model's d_model is {cfg.t5.d_model}")
@@ -202,8 +208,8 @@ class TAGIPredictor:
                                  f"{adapter.source!r}); method {self.method!r} needs a generated adapter")
             self._check_shapes(adapter, what)
             if self.uses_fusion and adapter.states is None:
-                raise ValueError(f"{what}: this model fuses the instruction into the decoder but the adapter has "
-                                 "no encoded instruction; regenerate it with generate_adapter")
+                raise ValueError(f"{what}: this model fuses the encoded instruction (fusion {self.fusion!r}) but "
+                                 "the adapter has none; regenerate it with generate_adapter")
         elif self.method == "concat" and not adapter.instruction.strip():
             raise ValueError(f"{what}: method 'concat' needs the adapter's instruction text, which is empty")
         return adapter

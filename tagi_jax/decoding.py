@@ -5,10 +5,11 @@ The search functions are model-agnostic (T5X's ``t5x/decoding.py`` design): they
 ``jax.lax.while_loop``, so they compile once for a given ``max_decode_len`` and beam size.
 
 Per-example inputs that every step needs but that never change during decoding -- the encoder output and
-tokens, the instruction-fusion states and mask, and the generated LoRA adapters -- travel in
+tokens, the decoder's instruction-fusion states and mask, and the generated LoRA adapters -- travel in
 ``DecodingState.extras``. They are computed once before the loop and, for beam search, repeated per beam once
 (`expand_to_beams`; adapters with `lora.expand_batch`). Reordering beams never touches them: all beams of
-one example share the same extras, so only the cache is gathered per step.
+one example share the same extras, so only the cache is gathered per step. Encoder-side fusion states are
+read once, by the encoder pass before the loop, and are not extras.
 
 Layout convention (as T5X): a flat batch of ``batch * beams`` rows is example-major, i.e. rows
 ``i*beams .. i*beams+beams-1`` are the beams of example ``i`` (what ``jnp.repeat(x, beams, axis=0)`` gives).
@@ -362,6 +363,8 @@ def predict(
     adapters: PyTree = None,
     extra_encoder_states: jax.Array | None = None,
     extra_encoder_mask: jax.Array | None = None,
+    encoder_fusion_states: jax.Array | None = None,
+    encoder_fusion_mask: jax.Array | None = None,
     max_decode_len: int,
     beam_size: int = 1,
     alpha: float = 0.6,
@@ -373,8 +376,10 @@ def predict(
 
     `adapters` (tagi_jax.models.lora pytree, per-example or shared) apply to the encoder and the decoder;
     `extra_encoder_states` [batch, n, d_model] (+ mask [batch, n]) are the instruction-fusion states the
-    decoder also attends to. Returns ``(tokens [batch, max_decode_len], scores [batch])``: the best sequence
-    per example (tokens after EOS are 0) and its score (greedy: summed log-prob; beam: `beam_search` score).
+    decoder also attends to ("prepend" fusion); `encoder_fusion_states` (+ mask) those every encoder layer
+    attends to ("encoder_cross_attention" fusion), used once by the encoder pass. Returns
+    ``(tokens [batch, max_decode_len], scores [batch])``: the best sequence per example (tokens after EOS
+    are 0) and its score (greedy: summed log-prob; beam: `beam_search` score).
     Pure; jit it with static `max_decode_len`, `beam_size` and `length_penalty_style` (module docstring).
     """
     if beam_size < 1:
@@ -382,8 +387,9 @@ def predict(
     if max_decode_len < 1:
         raise ValueError(f"max_decode_len must be >= 1, got {max_decode_len}")
     batch_size = encoder_input_tokens.shape[0]
-    encoded = model.apply({"params": params}, encoder_input_tokens, adapters=adapters, enable_dropout=False,
-                          method="encode")
+    encoded = model.apply({"params": params}, encoder_input_tokens, adapters=adapters,
+                          encoder_fusion_states=encoder_fusion_states, encoder_fusion_mask=encoder_fusion_mask,
+                          enable_dropout=False, method="encode")
     cache = init_decode_cache(model, params, encoded, encoder_input_tokens, max_decode_len=max_decode_len,
                               adapters=adapters, extra_encoder_states=extra_encoder_states,
                               extra_encoder_mask=extra_encoder_mask)
@@ -425,6 +431,8 @@ def score_targets(
     adapters: PyTree = None,
     extra_encoder_states: jax.Array | None = None,
     extra_encoder_mask: jax.Array | None = None,
+    encoder_fusion_states: jax.Array | None = None,
+    encoder_fusion_mask: jax.Array | None = None,
 ) -> TargetScores:
     """log p(targets | inputs) per example, for rank classification (pick the option with the best score).
 
@@ -432,7 +440,8 @@ def score_targets(
     """
     logits = model.apply({"params": params}, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                          enable_dropout=False, adapters=adapters, extra_encoder_states=extra_encoder_states,
-                         extra_encoder_mask=extra_encoder_mask)
+                         extra_encoder_mask=extra_encoder_mask, encoder_fusion_states=encoder_fusion_states,
+                         encoder_fusion_mask=encoder_fusion_mask)
     log_softmax = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     token_log_probs = jnp.take_along_axis(log_softmax, decoder_target_tokens[..., None].astype(jnp.int32),
                                           axis=-1)[..., 0]

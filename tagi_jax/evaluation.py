@@ -15,7 +15,7 @@ Why it is organised this way (the point of TAGI is the inference cost):
   log-likelihood), then accuracy per template and the P3 averages (`metrics.p3_summary`).
 
 Methods (`METHODS`): "tagi"/"hint" generate adapters from `hyper_inputs` and read `inputs` (+ the encoded
-instruction when the model fuses it); "concat" runs the backbone on `full_inputs`; "no_instruction" on
+instruction when the model fuses it, in the decoder or in every encoder layer); "concat" runs the backbone on `full_inputs`; "no_instruction" on
 `inputs`. Compiled functions are cached per (model, shapes, static settings); compile time is measured and
 reported apart from generation and decoding time.
 """
@@ -138,8 +138,19 @@ def _generator_params(params) -> dict:
     return {k: params[k] for k in ("t5", "hypernet", "hyper_encoder") if k in params}
 
 
+def _fusion(model) -> str:
+    return getattr(model.config, "fusion", "none")
+
+
 def _uses_fusion(model) -> bool:
-    return getattr(model.config, "fusion", "none") == "prepend"
+    """Whether the model reads the encoded instruction besides the adapters (so the table keeps its states)."""
+    return _fusion(model) != "none"
+
+
+def _fusion_kwargs(fusion: str, states, mask) -> dict:
+    from tagi_jax.models.tagi import fusion_kwargs
+
+    return fusion_kwargs(fusion, states, mask)
 
 
 def _generate_fn(params, hyper_tokens, *, model):
@@ -162,20 +173,20 @@ def _gather(table, rows):
     return adapters, states, mask
 
 
-def _predict_fn(t5_params, table, rows, encoder_tokens, *, t5_config, max_decode_len, beam_size, alpha,
+def _predict_fn(t5_params, table, rows, encoder_tokens, *, t5_config, fusion, max_decode_len, beam_size, alpha,
                 length_penalty_style, eos_id, decoder_start_token_id):
     adapters, states, mask = _gather(table, rows)
     tokens, _ = decoding.predict(
-        _t5(t5_config), t5_params, encoder_tokens, adapters=adapters, extra_encoder_states=states,
-        extra_encoder_mask=mask, max_decode_len=max_decode_len, beam_size=beam_size, alpha=alpha, eos_id=eos_id,
-        decoder_start_token_id=decoder_start_token_id, length_penalty_style=length_penalty_style)
+        _t5(t5_config), t5_params, encoder_tokens, adapters=adapters, max_decode_len=max_decode_len,
+        beam_size=beam_size, alpha=alpha, eos_id=eos_id, decoder_start_token_id=decoder_start_token_id,
+        length_penalty_style=length_penalty_style, **_fusion_kwargs(fusion, states, mask))
     return tokens
 
 
-def _score_fn(t5_params, table, rows, encoder_tokens, decoder_inputs, decoder_targets, *, t5_config):
+def _score_fn(t5_params, table, rows, encoder_tokens, decoder_inputs, decoder_targets, *, t5_config, fusion):
     adapters, states, mask = _gather(table, rows)
     s = decoding.score_targets(_t5(t5_config), t5_params, encoder_tokens, decoder_inputs, decoder_targets,
-                               adapters=adapters, extra_encoder_states=states, extra_encoder_mask=mask)
+                               adapters=adapters, **_fusion_kwargs(fusion, states, mask))
     return s.sum, s.mean
 
 
@@ -532,9 +543,9 @@ def decode_tokens(model, params, table_tree, rows, encoder_tokens, *, vocab, bat
     n_total = len(encoder_tokens)
     rows = np.zeros(n_total, np.int32) if rows is None else np.asarray(rows, np.int32)
     t5_config = model.config.t5
-    static = dict(t5_config=t5_config, max_decode_len=int(max_decode_len), beam_size=int(beam_size),
-                  alpha=float(alpha), length_penalty_style=length_penalty_style, eos_id=int(vocab.eos_id),
-                  decoder_start_token_id=int(t5_config.decoder_start_token_id))
+    static = dict(t5_config=t5_config, fusion=_fusion(model), max_decode_len=int(max_decode_len),
+                  beam_size=int(beam_size), alpha=float(alpha), length_penalty_style=length_penalty_style,
+                  eos_id=int(vocab.eos_id), decoder_start_token_id=int(t5_config.decoder_start_token_id))
     t5_params = params["t5"]
     bs = _bucket(n_total, batch_size)
     out, seconds, compile_seconds = [], 0.0, 0.0
@@ -569,7 +580,7 @@ def score_tokens(model, params, table_tree, rows, encoder_tokens, decoder_inputs
         sl = slice(start, start + n)
         args = (t5_params, table_tree, _pad_rows(rows[sl], bs), _pad_rows(encoder_tokens[sl], bs),
                 _pad_rows(decoder_inputs[sl], bs), _pad_rows(decoder_targets[sl], bs))
-        fn, c = _compiled(_score_fn, {"t5_config": model.config.t5}, args)
+        fn, c = _compiled(_score_fn, {"t5_config": model.config.t5, "fusion": _fusion(model)}, args)
         compile_seconds += c
         t0 = time.perf_counter()
         s, m = jax.device_get(fn(*args))

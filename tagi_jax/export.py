@@ -10,8 +10,9 @@ under the key ``base_model.model.<HF module>.lora_{A,B}.weight`` (``tagi_jax.hf.
 0.21.2's `save_pretrained` format). `adapter_config.json` lists the exact HF modules as `target_modules`,
 so PEFT wraps those and nothing else.
 
-Instruction fusion (the decoder also cross-attending to the encoded instruction) is not a weight update and
-cannot be carried by a PEFT adapter: exporting from a fusion model raises `FusionNotExportable` unless
+Instruction fusion (the decoder, with fusion "prepend", or every encoder layer, with fusion
+"encoder_cross_attention", also cross-attending to the encoded instruction) is not a weight update and cannot
+be carried by a PEFT adapter: exporting from a fusion model raises `FusionNotExportable` unless
 ``allow_fusion_loss=True`` (then it warns loudly: the exported model will not behave like TAGI). A model
 without fusion exports exactly.
 
@@ -117,11 +118,17 @@ def to_peft_state_dict(adapters: lora.Adapters, config) -> tuple[dict[str, np.nd
     return tensors, next(iter(ranks.values())), next(iter(scales.values()))
 
 
-def check_fusion(uses_fusion: bool, allow_fusion_loss: bool = False) -> None:
-    """Raise `FusionNotExportable` for a fusion model (or only warn when `allow_fusion_loss`)."""
+_FUSION_READERS = {"prepend": "the decoder", "encoder_cross_attention": "every encoder layer"}
+
+
+def check_fusion(uses_fusion: bool, allow_fusion_loss: bool = False, fusion: str | None = None) -> None:
+    """Raise `FusionNotExportable` for a fusion model (or only warn when `allow_fusion_loss`); `fusion`, the
+    model's fusion kind, only makes the message precise."""
     if not uses_fusion:
         return
-    message = ("this model uses instruction fusion (the decoder also attends to the encoded instruction), "
+    reader = _FUSION_READERS.get(fusion, "the decoder or the encoder")
+    kind = f"fusion {fusion!r}: " if fusion else ""
+    message = (f"this model uses instruction fusion ({kind}{reader} also attends to the encoded instruction), "
                "which a PEFT LoRA adapter cannot carry: the exported adapter alone will NOT reproduce the "
                "model's predictions")
     if not allow_fusion_loss:
@@ -138,6 +145,7 @@ def export_peft_adapter(
     base_model_name_or_path: str | None = None,
     uses_fusion: bool = False,
     allow_fusion_loss: bool = False,
+    fusion: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     instruction_states: Any = None,
     instruction_mask: Any = None,
@@ -148,13 +156,15 @@ def export_peft_adapter(
       adapters: {target: {"A": [layers, d_in, r], "B": [layers, r, d_out], "scale"}} (a batch axis of 1 is ok).
       config: the backbone's `T5Config` (checks shapes, names the HF modules).
       base_model_name_or_path: written to adapter_config.json (PEFT loads that model by default).
-      uses_fusion: whether the model that generated the adapter also fuses the instruction into the decoder.
+      uses_fusion: whether the model that generated the adapter also fuses the encoded instruction (into the
+        decoder or the encoder).
       allow_fusion_loss: export a fusion model's adapter anyway (with a warning) instead of raising.
+      fusion: the model's fusion kind (`TAGIConfig.fusion`), for the message and tagi_adapter.json.
       metadata: extra JSON-able facts for tagi_adapter.json (instruction, checkpoint fingerprint, ...).
       instruction_states, instruction_mask: the encoded instruction [n, d_model] / [n] of a fusion model; saved
         beside the PEFT files (tagi_jax reloads them with `load_instruction_states`; PEFT cannot use them).
     """
-    check_fusion(uses_fusion, allow_fusion_loss)
+    check_fusion(uses_fusion, allow_fusion_loss, fusion)
     from safetensors.numpy import save_file
 
     tensors, rank, scale = to_peft_state_dict(adapters, config)
@@ -193,6 +203,7 @@ def export_peft_adapter(
         "rank": int(rank),
         "scale": scale,
         "instruction_fusion": bool(uses_fusion),
+        **({"fusion": fusion} if fusion else {}),
         **dict(metadata or {}),
     }
     with open(os.path.join(out_dir, TAGI_FILE), "w") as f:

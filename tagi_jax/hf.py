@@ -366,11 +366,18 @@ def _np_dtype(name: str):
 
 
 def to_hf_state_dict(config: T5Config, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """{HF name: numpy array} for `params` of `T5(config)` (the inverse of `load_t5`'s mapping)."""
+    """{HF name: numpy array} for `params` of `T5(config)` (the inverse of `load_t5`'s mapping). Trees with
+    encoder-fusion blocks are refused: HF has no place for them."""
     from flax import traverse_util
     import flax
 
+    from tagi_jax.models.t5 import is_encoder_fusion_param
+
     flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
+    fused = sorted(path for path in flat if is_encoder_fusion_param(path))
+    if fused:  # silently dropping them would export a model that computes something else
+        raise ValueError(f"to_hf_state_dict: params hold encoder-fusion blocks ({'/'.join(fused[0])}, ...), which "
+                         "a Hugging Face T5 has no place for")
     names = hf_name_map(config)
     missing = sorted(set(names) - set(flat))
     if missing:

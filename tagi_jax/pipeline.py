@@ -18,6 +18,12 @@ Every stage trains the same `TAGI` parameter tree (t5, hypernet, teachers) — w
 frozen (no optimizer state) — except `finetune`, whose tree is {"student": ..., "teacher": ...} with the teacher
 frozen, so the KL teacher keeps the backbone it was trained on while the student's backbone moves.
 
+With `tagi.fusion = "encoder_cross_attention"` the encoder-fusion blocks inside `t5/encoder/layers_<i>` exist
+only in the trees of the stages that run the student (`FUSION_STAGES`; not in the finetune teacher): the
+baselines and the backbone never read instruction states. They are trained as their own subtree "fusion" of
+`STAGE_TRAINS`, and a stage that starts from a source without them (the backbone, concat, or a Hugging Face
+import) keeps their fresh zero-output initialisation, so it starts from exactly its source's function.
+
 Methods evaluated at the end and their stages: `METHOD_STAGE`.
 """
 from __future__ import annotations
@@ -34,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import traverse_util
 from ml_collections import config_dict
 
 from tagi_jax import data as data_lib
@@ -44,6 +51,7 @@ from tagi_jax.config import ConfigError, require_choice
 from tagi_jax.metrics import MTEST11
 from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.models.hypernet import HyperNetConfig
+from tagi_jax.models.t5 import FUSION_ATTENTION, FUSION_NORM, is_encoder_fusion_param
 from tagi_jax.models.t5_config import T5Config
 
 STAGES = ("backbone", "teachers", "pretrain", "finetune", "concat", "no_instruction", "hint")
@@ -59,15 +67,27 @@ DEFAULT_INIT_FROM = {
     "no_instruction": "backbone",
     "hint": "pretrain",
 }
-# Which parameter subtrees each stage trains (everything else is frozen).
+# Which parameter subtrees each stage trains (everything else is frozen). "fusion" is the encoder-fusion blocks
+# inside "t5" (`_SUBTREE_PATTERNS`); "t5" is the rest of the backbone.
 STAGE_TRAINS = {
     "backbone": ("t5",),
     "teachers": ("teachers",),
-    "pretrain": ("t5", "hypernet", "hyper_encoder"),
-    "finetune": ("t5", "hypernet", "hyper_encoder"),
+    "pretrain": ("t5", "fusion", "hypernet", "hyper_encoder"),
+    "finetune": ("t5", "fusion", "hypernet", "hyper_encoder"),
     "concat": ("t5",),
     "no_instruction": ("t5",),
-    "hint": ("t5", "hypernet", "hyper_encoder"),
+    "hint": ("t5", "fusion", "hypernet", "hyper_encoder"),
+}
+# Stages whose model reads instruction states (the student): only their trees hold encoder-fusion blocks.
+FUSION_STAGES = ("pretrain", "finetune", "hint")
+_FUSION_PATH = rf"encoder/layers_\d+/(?:{FUSION_NORM}|{FUSION_ATTENTION})/"
+# Regexes (after the optional "student/" prefix) matching each subtree's parameter paths.
+_SUBTREE_PATTERNS = {
+    "t5": f"t5/(?!{_FUSION_PATH})",
+    "fusion": f"t5/{_FUSION_PATH}",
+    "hypernet": "hypernet/",
+    "hyper_encoder": "hyper_encoder/",
+    "teachers": "teachers/",
 }
 PRETRAIN_DATA_STAGES = ("backbone", "pretrain")
 KL_TEACHERS = ("lora_teachers", "concat")
@@ -87,7 +107,7 @@ def default_config() -> config_dict.ConfigDict:
     c.model.checkpoint = ""  # a Hugging Face T5 directory to import the backbone from ("" = from scratch)
     c.hypernet = _dataclass_section(HyperNetConfig)
     c.tagi = config_dict.ConfigDict({
-        "fusion": "prepend",
+        "fusion": "prepend",  # "prepend", "encoder_cross_attention" or "none" (tagi_jax.models.tagi)
         "separate_hyper_encoder": False,
         "teacher_rank": 32,
         "teacher_alpha": 32.0,
@@ -165,7 +185,7 @@ def tagi_config(config: config_dict.ConfigDict, num_teachers: int, t5: T5Config 
             t5=t5, hypernet=hyper, fusion=config.tagi.fusion, num_teachers=num_teachers,
             teacher_rank=config.tagi.teacher_rank, teacher_alpha=config.tagi.teacher_alpha,
             separate_hyper_encoder=config.tagi.separate_hyper_encoder)
-    except (TypeError, ValueError, NotImplementedError) as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"config key 'hypernet'/'tagi': {e}") from None
 
 
@@ -260,11 +280,10 @@ def _section_names(stage: str) -> dict[str, str]:
 
 def _frozen_patterns(stage: str) -> tuple[str, ...]:
     trains = STAGE_TRAINS[stage]
-    subtrees = ("t5", "hypernet", "hyper_encoder", "teachers")
     prefix = "student/" if stage == "finetune" else ""
-    names = [s for s in subtrees if s not in trains]
-    # One alternation, so a subtree the model lacks (hyper_encoder, teachers) is not a no-match error.
-    frozen = (f"^{prefix}({'|'.join(names)})/",) if names else ()
+    names = [s for s in _SUBTREE_PATTERNS if s not in trains]
+    # One alternation, so a subtree the model lacks (hyper_encoder, teachers, fusion) is not a no-match error.
+    frozen = (f"^{prefix}(?:{'|'.join(_SUBTREE_PATTERNS[s] for s in names)})",) if names else ()
     if stage == "finetune":
         frozen += ("^teacher/",)
     return frozen
@@ -356,14 +375,25 @@ def make_loss_fn(stage: str, config, model: tagi_lib.TAGI, task_to_teacher: np.n
 
 
 # ------------------------------------------------------------------------------------------------ params
+def _tree_config(model_cfg: tagi_lib.TAGIConfig, with_student: bool) -> tagi_lib.TAGIConfig:
+    """The config whose tree a model part holds: without a student, no encoder-fusion blocks (the other
+    fusions add no parameters)."""
+    if model_cfg.fusion == "encoder_cross_attention" and not with_student:
+        return model_cfg.replace(fusion="none")
+    return model_cfg
+
+
 def stage_init_fn(stage: str, model_cfg: tagi_lib.TAGIConfig) -> Callable[[jax.Array], Any]:
     """The boxed parameter tree of a stage (for the trainer's abstract/sharded init)."""
+    own = _tree_config(model_cfg, stage in FUSION_STAGES)
     if stage == "finetune":
+        teacher = _tree_config(model_cfg, False)
+
         def init_fn(rng):
             r1, r2 = jax.random.split(rng)
-            return {"student": tagi_lib.init_params(model_cfg, r1), "teacher": tagi_lib.init_params(model_cfg, r2)}
+            return {"student": tagi_lib.init_params(own, r1), "teacher": tagi_lib.init_params(teacher, r2)}
         return init_fn
-    return lambda rng: tagi_lib.init_params(model_cfg, rng)
+    return lambda rng: tagi_lib.init_params(own, rng)
 
 
 def _stage_dir(workdir: str, stage: str) -> str:
@@ -419,9 +449,38 @@ def _set(tree, path, value):
     return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
 
 
-def _placed(host_tree, abstract_tree):
-    """Host (numpy) parameters -> float32 arrays with the abstract tree's shardings."""
-    return jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, np.float32), a.sharding), host_tree, abstract_tree)
+def _flat(tree) -> dict:
+    return traverse_util.flatten_dict(tree)
+
+
+def _like(tree, abstract):
+    """`tree` cut to the parameters of `abstract` (a stage without a student drops the fusion blocks of the
+    run's one fresh initialisation)."""
+    flat = _flat(tree)
+    return traverse_util.unflatten_dict({path: flat[path] for path in _flat(abstract)})
+
+
+def _check_missing(missing, source: str, stage: str) -> None:
+    """Only encoder-fusion blocks may be missing from a source: they keep their zero-output initialisation."""
+    bad = [path for path in missing if not is_encoder_fusion_param(path)]
+    if bad:
+        raise ConfigError(f"stage '{stage}' starts from {source}, which has no parameter '{'/'.join(bad[0])}' "
+                          f"({len(bad)} missing)")
+    if missing:
+        logging.info("stage %s: %d encoder-fusion parameters not in %s keep their fresh (zero-output) values",
+                     stage, len(missing), source)
+
+
+def _overlay_host(fresh, host, abstract, source: str, stage: str):
+    """`fresh` (placed arrays) with every parameter of the host (numpy) tree put in its place, float32 with
+    the abstract tree's shardings; parameters the host lacks keep their fresh value (`_check_missing`)."""
+    out, host = _flat(fresh), _flat(host)
+    abstract = _flat(abstract)
+    _check_missing([path for path in abstract if path not in host], source, stage)
+    for path, a in abstract.items():
+        if path in host:
+            out[path] = jax.device_put(np.asarray(host[path], np.float32), a.sharding)
+    return traverse_util.unflatten_dict(out)
 
 
 def build_initial_params(stage: str, ctx: "RunContext", trainer: trainer_lib.Trainer) -> Callable[[], Any] | None:
@@ -438,24 +497,34 @@ def build_initial_params(stage: str, ctx: "RunContext", trainer: trainer_lib.Tra
             params = {"student": ctx.fresh_params(), "teacher": ctx.fresh_params()}
         else:
             params = ctx.fresh_params()
+        params = _like(params, trainer.abstract_params)
         if needs_hf:
             roots = [("student",), ("teacher",)] if stage == "finetune" else [()]
+            checkpoint = f"model.checkpoint {config.model.checkpoint!r}"
             for root in roots:
-                params = _set(params, root + ("t5",), _placed(hf_params, _get(trainer.abstract_params, root + ("t5",))))
+                parts = [("t5", hf_params)]
                 if config.tagi.separate_hyper_encoder:  # the instruction encoder starts as the imported encoder
-                    sub = {k: hf_params[k] for k in ("token_embedder", "encoder")}
-                    path = root + ("hyper_encoder",)
-                    params = _set(params, path, _placed(sub, _get(trainer.abstract_params, path)))
+                    parts.append(("hyper_encoder", {k: hf_params[k] for k in ("token_embedder", "encoder")}))
+                for name, host in parts:
+                    path = root + (name,)
+                    params = _set(params, path, _overlay_host(_get(params, path), host,
+                                                              _get(trainer.abstract_params, path), checkpoint, stage))
         by_source: dict[str, list] = {}
         for src, sp, tp in sources:
             by_source.setdefault(src, []).append((sp, tp))
         for src, pairs in by_source.items():
+            src_dir = _stage_dir(workdir, src)
+            saved = trainer_lib.saved_param_paths(src_dir)
             abstract = {}
             for sp, tp in pairs:
-                abstract = _set(abstract, sp, _get(trainer.abstract_params, tp))
-            restored = trainer_lib.load_params(_stage_dir(workdir, src), abstract)
+                wanted = _flat(_get(trainer.abstract_params, tp))
+                _check_missing([p for p in wanted if sp + p not in saved], f"stage '{src}' ({src_dir})", stage)
+                present = {p: a for p, a in wanted.items() if sp + p in saved}
+                abstract = _set(abstract, sp, traverse_util.unflatten_dict(present))
+            restored = trainer_lib.load_params(src_dir, abstract)
             for sp, tp in pairs:
-                params = _set(params, tp, _get(restored, sp))
+                merged = {**_flat(_get(params, tp)), **_flat(_get(restored, sp))}
+                params = _set(params, tp, traverse_util.unflatten_dict(merged))
         return params
 
     return thunk

@@ -288,19 +288,30 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def _checkpoints_path(directory: str) -> str:
+    ckpt = directory if not os.path.isdir(os.path.join(directory, "checkpoints")) else checkpoint_dir(directory)
+    return os.path.abspath(ckpt)
+
+
+def _latest(manager, ckpt: str, step: int | None) -> int:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint found in {ckpt}")
+    return step
+
+
 def load_params(directory: str, abstract_params: Any, step: int | None = None) -> Any:
     """Restore only the parameters (or a subtree of them) from another run's checkpoint, sharded.
 
     `directory` is a work directory (or its `checkpoints/`); `abstract_params` are ShapeDtypeStructs with
     shardings, e.g. `Trainer.abstract_params`. This is how a stage starts from the previous stage's output:
     `trainer.fit(batches, initial_params=lambda: load_params(prev_workdir, trainer.abstract_params))`.
+    Every requested parameter must be in the checkpoint (`saved_param_paths` tells which are).
     """
-    ckpt = directory if not os.path.isdir(os.path.join(directory, "checkpoints")) else checkpoint_dir(directory)
+    ckpt = _checkpoints_path(directory)
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    with ocp.CheckpointManager(os.path.abspath(ckpt), options=options) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint found in {ckpt}")
+    with ocp.CheckpointManager(ckpt, options=options) as manager:
+        step = _latest(manager, ckpt, step)
         item = {"params": abstract_params}
         restore_args = jax.tree.map(
             lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), item
@@ -308,7 +319,22 @@ def load_params(directory: str, abstract_params: Any, step: int | None = None) -
         restored = manager.restore(
             step, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
         )
+    # A partial restore hands back the placeholder of a parameter the checkpoint lacks: never train on one.
+    for path, leaf in jax.tree_util.tree_flatten_with_path(restored["params"])[0]:
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            raise KeyError(f"{ckpt} (step {step}) has no parameter '{optim.path_to_str(path)}'")
     return restored["params"]
+
+
+def saved_param_paths(directory: str, step: int | None = None) -> set[tuple[str, ...]]:
+    """The paths of the parameters a checkpoint holds, from its metadata (nothing is restored)."""
+    ckpt = _checkpoints_path(directory)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(ckpt, item_handlers=ocp.StandardCheckpointHandler(), options=options) as manager:
+        metadata = manager.item_metadata(_latest(manager, ckpt, step))
+    tree = getattr(metadata, "tree", metadata)
+    return {tuple(str(getattr(k, "key", k)) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree["params"])[0]}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -93,6 +93,27 @@ def test_save_and_load_adapter(predictor, tmp_path):
     assert predictor.predict(INPUTS, loaded) == predictor.predict(INPUTS, adapter)
 
 
+def test_encoder_fusion_model_through_the_api(tmp_path):
+    """An encoder-fusion work directory: adapters carry the encoded instruction, predictions are the
+    evaluator's, export is refused the same way as for 'prepend', and a saved adapter reloads exactly."""
+    workdir = str(tmp_path / "enc_run")
+    make_workdir(workdir, "encoder_cross_attention", methods=("tagi",))
+    predictor = TAGIPredictor.load(workdir, cache_dir="")
+    assert predictor.fusion == "encoder_cross_attention" and predictor.uses_fusion
+    adapter = predictor.generate_adapter(DEFINITION, EXAMPLES)
+    assert adapter.states.shape == (LENGTHS["hyper_inputs"], 32)
+    preds = predictor.predict(INPUTS)
+    records, _ = evaluation.evaluate("tagi", predictor.model, predictor.params,
+                                     examples_for(adapter.instruction, INPUTS), predictor.vocab, lengths=LENGTHS,
+                                     batch_size=BATCH, max_decode_len=MAX_DECODE)
+    assert preds == [r["prediction"] for r in records]
+    with pytest.raises(export.FusionNotExportable, match="every encoder layer"):
+        predictor.save_adapter(str(tmp_path / "refused"), adapter)
+    with pytest.warns(UserWarning, match="instruction fusion"):
+        path = predictor.save_adapter(str(tmp_path / "enc"), adapter, allow_fusion_loss=True)
+    assert export.read_tagi_info(path)["fusion"] == "encoder_cross_attention"
+    assert predictor.predict(INPUTS, predictor.load_adapter(path)) == preds
+
 def test_baselines_through_the_api(workdir):
     concat = TAGIPredictor.load(workdir, "concat")
     task = concat.generate_adapter(DEFINITION, EXAMPLES)

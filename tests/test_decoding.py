@@ -320,6 +320,28 @@ def test_t5_cached_greedy_equals_uncached_argmax(t5, use_extras):
         assert not np.array_equal(baseline, expected)
 
 
+def test_t5_cached_greedy_with_encoder_fusion_equals_uncached_argmax(t5):
+    """Encoder fusion: the states go into the one encoder pass; the cached decoder must agree with the full
+    forward recomputed at every step."""
+    from tagi_jax.models.t5 import init_params
+
+    config, model = t5["config"], t5["model"]
+    params = jax.jit(lambda rng: init_params(config, rng, fusion_len=3))(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(11)
+    params = jax.tree_util.tree_map_with_path(  # zero at init: give the fusion output projections weight
+        lambda path, x: jnp.asarray(rng.normal(size=x.shape) * 0.5, x.dtype)
+        if "instruction_attention" in jax.tree_util.keystr(path) and "out" in jax.tree_util.keystr(path) else x,
+        params)
+    fusion = dict(encoder_fusion_states=t5["extra"], encoder_fusion_mask=t5["extra_mask"])
+    tokens, _ = t5["predict"](params, t5["enc"], adapters=t5["adapters"], max_decode_len=MAX_LEN, **fusion)
+    full = jax.jit(lambda p, e, d, a, x, xm: model.apply({"params": p}, e, d, jnp.ones_like(d), adapters=a,
+                                                         encoder_fusion_states=x, encoder_fusion_mask=xm))
+    expected, _ = _uncached_argmax(dict(t5, params=params, full_logits=full), t5["enc"], adapters=t5["adapters"],
+                                   extra=t5["extra"], extra_mask=t5["extra_mask"], max_len=MAX_LEN)
+    np.testing.assert_array_equal(np.asarray(tokens), expected)
+    without, _ = t5["predict"](params, t5["enc"], adapters=t5["adapters"], max_decode_len=MAX_LEN)
+    assert not np.array_equal(np.asarray(without), expected)  # the fused states matter
+
 def test_t5_per_example_adapters_batch_equals_alone(t5):
     tokens, scores = t5["predict"](t5["params"], t5["enc"], adapters=t5["adapters"],
                                    extra_encoder_states=t5["extra"], extra_encoder_mask=t5["extra_mask"],

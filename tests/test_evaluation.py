@@ -239,6 +239,42 @@ def test_greedy_prediction_matches_direct_student_decoding(fused, vocab):
     assert [r["prediction"] for r in records] == evaluation.detokenize(vocab, np.asarray(tokens))
 
 
+def test_encoder_fusion_model_caches_and_uses_instruction_states(vocab, tmp_path):
+    """Encoder fusion keeps the encoded instruction in the adapter table and its disk cache, and the compiled
+    decoding/scoring route it into the encoder: the same as TAGI's own student path."""
+    model, params = random_tagi("encoder_cross_attention", seed=0)  # random fusion output projections
+    examples = task_examples("sort", *TASKS["sort"])
+    kwargs = dict(lengths=LENGTHS, batch_size=BATCH, max_decode_len=MAX_DECODE)
+    cache_dir = str(tmp_path / "adapter_cache")
+    records, _ = evaluation.evaluate("tagi", model, params, examples, vocab,
+                                     cache=evaluation.AdapterCache(cache_dir), **kwargs)
+    reread = evaluation.AdapterCache(cache_dir)
+    entry = reread.get(reread.fingerprint(params, model), examples[0][F.HYPER_INPUTS], LENGTHS["hyper_inputs"])
+    assert entry is not None and entry["states"].shape == (LENGTHS["hyper_inputs"], model.config.t5.d_model)
+    again, m = evaluation.evaluate("tagi", model, params, examples, vocab, cache=reread, **kwargs)
+    assert m["adapters_reused"] == 1 and again == records  # served from disk, states included
+
+    enc, _ = evaluation.tokenize(vocab, [ex[F.INPUTS] for ex in examples], LENGTHS["inputs"])
+    hyper, _ = evaluation.tokenize(vocab, [ex[F.HYPER_INPUTS] for ex in examples], LENGTHS["hyper_inputs"])
+    inputs = tagi.student_decoding_inputs(model, params, {F.ENCODER_INPUT_TOKENS: enc,
+                                                           F.HYPER_ENCODER_INPUT_TOKENS: hyper})
+    predict = jax.jit(lambda p, i: decoding.predict(T5(model.config.t5), p, **i, max_decode_len=MAX_DECODE)[0])
+    tokens = predict(params["t5"], inputs)
+    assert [r["prediction"] for r in records] == evaluation.detokenize(vocab, np.asarray(tokens))
+    unfused = predict(params["t5"], dict(inputs, encoder_fusion_states=None, encoder_fusion_mask=None))
+    assert not np.array_equal(np.asarray(unfused), np.asarray(tokens))  # the states matter
+
+    table = evaluation.generate_task_adapters(model, params, [examples[0][F.HYPER_INPUTS]], vocab,
+                                              LENGTHS["hyper_inputs"], BATCH)
+    targets, _ = evaluation.tokenize(vocab, [ex[F.TARGETS] for ex in examples], LENGTHS["targets"])
+    dec = evaluation.shift_right(targets)
+    _, mean, _, _ = evaluation.score_tokens(model, params, table.device_tree(), None, enc, dec, targets,
+                                            batch_size=BATCH)
+    want = decoding.score_targets(T5(model.config.t5), params["t5"], enc, dec, targets,
+                                  adapters=inputs["adapters"], encoder_fusion_states=inputs["encoder_fusion_states"],
+                                  encoder_fusion_mask=inputs["encoder_fusion_mask"])
+    np.testing.assert_allclose(mean, want.mean, rtol=1e-5, atol=1e-5)
+
 def test_baselines_read_their_own_inputs(fused, vocab):
     """concat decodes full_inputs, no_instruction inputs; both without adapters (same as evaluating the
     backbone alone), and no_instruction predictions cannot depend on the task."""

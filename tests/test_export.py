@@ -157,19 +157,23 @@ def test_adapter_written_by_peft_loads_into_our_model(no_fusion, tmp_path):
                                atol=TOL, rtol=0)
 
 
-def test_fusion_model_export_is_refused_unless_allowed(vocab, tmp_path):
-    model, params = build("prepend", seed=2)
+@pytest.mark.parametrize("fusion, reader", [("prepend", "the decoder"),
+                                            ("encoder_cross_attention", "every encoder layer")])
+def test_fusion_model_export_is_refused_unless_allowed(vocab, tmp_path, fusion, reader):
+    model, params = build(fusion, seed=2)
     table = evaluation.generate_task_adapters(model, params, ["Definition: Add 3 to every number."], vocab,
                                               HYPER_LEN, batch_size=4)
     adapter = table.adapter("Definition: Add 3 to every number.")
-    with pytest.raises(export.FusionNotExportable, match="instruction fusion.*allow_fusion_loss"):
-        export.export_peft_adapter(adapter, str(tmp_path / "refused"), model.config.t5, uses_fusion=True)
+    with pytest.raises(export.FusionNotExportable, match=f"instruction fusion.*{reader}.*allow_fusion_loss"):
+        export.export_peft_adapter(adapter, str(tmp_path / "refused"), model.config.t5, uses_fusion=True,
+                                   fusion=fusion)
     assert not os.path.exists(tmp_path / "refused" / export.WEIGHTS_FILE)
     with pytest.warns(UserWarning, match="instruction fusion"):
         out = export.export_peft_adapter(adapter, str(tmp_path / "lossy"), model.config.t5, uses_fusion=True,
-                                         allow_fusion_loss=True, instruction_states=table.states[0],
+                                         allow_fusion_loss=True, fusion=fusion, instruction_states=table.states[0],
                                          instruction_mask=table.mask[0])
-    assert export.read_tagi_info(out)["instruction_fusion"] is True
+    info = export.read_tagi_info(out)
+    assert info["instruction_fusion"] is True and info["fusion"] == fusion
     states, mask = export.load_instruction_states(out)
     np.testing.assert_array_equal(states, table.states[0])
     np.testing.assert_array_equal(mask, table.mask[0])

@@ -103,6 +103,17 @@ def test_to_hf_state_dict_round_trips_through_transformers(v1_1, v1_0, tmp_path)
         _assert_same_params(reloaded, params)
 
 
+def test_encoder_fusion_blocks_are_not_dropped_silently_on_export():
+    """A Hugging Face T5 has no encoder-fusion blocks: exporting a tree with them is an error, not a model
+    that computes something else."""
+    from tagi_jax.models.t5 import init_params
+    from tagi_jax.models.t5_config import tiny_config
+
+    config = tiny_config()
+    params = jax.eval_shape(lambda r: init_params(config, r, fusion_len=2), jax.random.key(0))
+    with pytest.raises(ValueError, match="encoder-fusion blocks .*encoder/layers_0/instruction_attention"):
+        hf.to_hf_state_dict(config, params)
+
 @pytest.mark.parametrize("kind", ["v1_0", "odd_heads"])
 def test_hf_module_name_names_the_projection_each_target_modifies(kind, tmp_path_factory):
     path, torch_model = tiny_hf_t5(tmp_path_factory, kind)

@@ -1,6 +1,6 @@
 """The hypernetwork and the TAGI module: shapes, names, zero-ΔW init with live gradients, every loss term
-training the hypernetwork, padding-aware pooling, fusion wiring, separate encoder, and the pure functions
-against the plain T5.
+training the hypernetwork, padding-aware pooling, fusion wiring (prepend and encoder cross-attention),
+separate encoder, and the pure functions against the plain T5.
 
 Compilation dominates on CPU: one parameter init per module, shapes checked abstractly (`jax.eval_shape`),
 and every compiled function cached by (function, model config).
@@ -14,17 +14,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import traverse_util
+
+from tagi_jax import decoding
 from tagi_jax import features as F
 from tagi_jax import losses, partitioning
 from tagi_jax.models import lora, tagi
 from tagi_jax.models.hypernet import HyperNetConfig, masked_mean_pool, target_spec
-from tagi_jax.models.t5 import T5
+from tagi_jax.models.t5 import T5, is_encoder_fusion_param
 from tagi_jax.models.t5_config import tiny_config
 
 T5CFG = tiny_config()
 HYPER = HyperNetConfig(rank=4, lora_alpha=8.0, hidden_dim=16, embed_dim=8, dropout_rate=0.0)
 CONFIG = tagi.TAGIConfig(t5=T5CFG, hypernet=HYPER, num_teachers=3, teacher_rank=4, teacher_alpha=4.0)
 NO_FUSION = dataclasses.replace(CONFIG, fusion="none")
+ENC_FUSION = dataclasses.replace(CONFIG, fusion="encoder_cross_attention")
 B, LEN = 2, 7
 
 
@@ -85,8 +89,7 @@ def trained(params):
 
 # ------------------------------------------------------------------------------------------ config
 def test_config_validation_names_the_key():
-    with pytest.raises(NotImplementedError, match="fusion='encoder_cross_attention'"):
-        dataclasses.replace(CONFIG, fusion="encoder_cross_attention")
+    assert ENC_FUSION.fusion == "encoder_cross_attention" and ENC_FUSION.uses_instruction_states
     with pytest.raises(ValueError, match="tagi.fusion"):
         dataclasses.replace(CONFIG, fusion="concat")
     with pytest.raises(ValueError, match="decoder_ffn.wi"):  # the tiny T5 is gated: 'wi' does not exist
@@ -249,12 +252,113 @@ def test_prepend_fusion_feeds_the_instruction_to_the_decoder(params):
 
     want = reference(params["t5"], batch, states, mask)
     np.testing.assert_allclose(prepend(params, batch), want, rtol=1e-5, atol=1e-5)
-    # student_decoding_inputs hands predict() the adapters and fusion states (None without fusion).
-    for cfg, fused in ((CONFIG, True), (NO_FUSION, False)):
+    # student_decoding_inputs hands predict() the adapters and the fusion states where the fusion reads them.
+    for cfg, to_decoder, to_encoder in ((CONFIG, True, False), (NO_FUSION, False, False)):
         inputs = jax.eval_shape(functools.partial(tagi.student_decoding_inputs, tagi.TAGI(cfg)), params, batch)
         assert set(inputs["adapters"]) == set(HYPER.adapter_targets)
-        assert (inputs["extra_encoder_states"] is not None) == fused
+        assert (inputs["extra_encoder_states"] is not None) == to_decoder
+        assert (inputs["encoder_fusion_states"] is not None) == to_encoder
         assert inputs["encoder_input_tokens"].shape == (B, LEN)
+
+
+def _fusion_leaves(tree) -> dict:
+    """{path: leaf} of the encoder-fusion parameters of a TAGI tree."""
+    flat = traverse_util.flatten_dict(tree)
+    return {path: leaf for path, leaf in flat.items() if path[0] == "t5" and is_encoder_fusion_param(path)}
+
+
+def perturb_fusion(params, seed=3, std=0.3):
+    """'Trained-like' encoder fusion: random output projections (zero at init), everything else unchanged."""
+    rng = np.random.default_rng(seed)
+    flat = traverse_util.flatten_dict(params)
+    for path in _fusion_leaves(params):
+        if path[-2:] == ("out", "kernel"):
+            flat[path] = (std * rng.normal(size=flat[path].shape)).astype(np.float32)
+    return traverse_util.unflatten_dict(flat)
+
+
+@pytest.fixture(scope="module")
+def fusion_params(trained):
+    """An encoder-fusion tree: the prepend model's (trained-like) parameters plus a fresh fusion sub-block per
+    encoder layer -- what loading a checkpoint without fusion into an encoder-fusion model gives."""
+    fresh = jax.jit(lambda r: nn.meta.unbox(tagi.init_params(ENC_FUSION, r)))(jax.random.key(4))
+    flat = traverse_util.flatten_dict(trained)
+    added = _fusion_leaves(fresh)
+    assert not set(added) & set(flat)
+    assert set(traverse_util.flatten_dict(fresh)) == set(flat) | set(added)  # the fusion blocks are all it adds
+    assert {path[2] for path in added} == {f"layers_{i}" for i in range(T5CFG.num_encoder_layers)}
+    flat.update(added)
+    return traverse_util.unflatten_dict(flat)
+
+
+def test_encoder_fusion_starts_as_the_model_it_was_loaded_from(fusion_params):
+    """Zero output projection: the same logits as without fusion, whatever the instruction states."""
+    outs = [leaf for path, leaf in _fusion_leaves(fusion_params).items() if path[-2:] == ("out", "kernel")]
+    assert outs and not any(np.any(np.asarray(o)) for o in outs)
+    batch = make_batch()
+    np.testing.assert_array_equal(jitted("student_logits", ENC_FUSION)(fusion_params, batch),
+                                  jitted("student_logits", NO_FUSION)(fusion_params, batch))
+
+
+def test_encoder_fusion_reads_the_instruction_but_not_its_padding(params, fusion_params):
+    p = perturb_fusion(dict(fusion_params, hypernet=params["hypernet"]))  # ΔW = 0: only fusion carries it
+    run = jitted("student_logits", ENC_FUSION)
+    batch = make_batch()
+    hyper = batch[F.HYPER_ENCODER_INPUT_TOKENS]
+    base = np.asarray(run(p, batch))
+    changed = dict(batch, **{F.HYPER_ENCODER_INPUT_TOKENS: make_batch(seed=7)[F.HYPER_ENCODER_INPUT_TOKENS]})
+    assert np.abs(base - np.asarray(run(p, changed))).max() > 1e-3
+    # More padding after the instruction changes nothing ...
+    longer = dict(batch, **{F.HYPER_ENCODER_INPUT_TOKENS: np.pad(hyper, ((0, 0), (0, 5)))})
+    np.testing.assert_allclose(run(p, longer), base, rtol=1e-5, atol=1e-5)
+    # ... nor do the states at padded positions, whatever they hold.
+    adapters, states, mask = jitted("generate_adapters", ENC_FUSION)(p, hyper)
+    assert not np.all(np.asarray(mask))  # the batch does have instruction padding
+    noise = np.random.default_rng(0).normal(size=states.shape).astype(np.float32) * 10
+    noisy = np.where(np.asarray(mask)[..., None], states, noise)
+    np.testing.assert_array_equal(run(p, batch, (adapters, noisy, mask)), run(p, batch, (adapters, states, mask)))
+
+
+@jax.jit
+def fusion_ce_grads(p, batch):
+    def ce(p):
+        logits, _ = tagi.student_forward(tagi.TAGI(ENC_FUSION), p, batch)
+        return losses.cross_entropy(logits, batch[F.DECODER_TARGET_TOKENS], batch[F.DECODER_LOSS_WEIGHTS])[0]
+
+    return jax.grad(ce)(p)
+
+
+def test_ce_gradient_reaches_the_encoder_fusion_parameters(fusion_params):
+    batch = make_batch()
+    # At init only the (zero) output projections get gradient: the rest feeds them (as B in a LoRA).
+    for path, g in _fusion_leaves(fusion_ce_grads(fusion_params, batch)).items():
+        assert np.any(np.asarray(g)) == (path[-2:] == ("out", "kernel")), path
+    # Once they moved, every fusion parameter learns from the CE loss.
+    for path, g in _fusion_leaves(fusion_ce_grads(perturb_fusion(fusion_params), batch)).items():
+        assert np.any(np.asarray(g)), path
+
+
+def test_encoder_fusion_greedy_decoding_equals_full_forward_argmax(fusion_params):
+    """predict (encoder run once with the instruction, cached decoder) == argmax of the full student."""
+    p, steps = perturb_fusion(fusion_params), 6
+    batch = make_batch()
+    inputs = jitted("student_decoding_inputs", ENC_FUSION)(p, batch)
+    assert inputs["extra_encoder_states"] is None and inputs["encoder_fusion_states"] is not None
+    predict = jax.jit(functools.partial(decoding.predict, T5(T5CFG)), static_argnames=("max_decode_len",))
+    tokens, _ = predict(p["t5"], **inputs, max_decode_len=steps, eos_id=-1)  # no EOS: all steps compared
+    run = jitted("student_logits", ENC_FUSION)
+    dec = np.zeros((B, steps), np.int32)
+    want = np.zeros((B, steps), np.int32)
+    for t in range(steps):
+        step_batch = {k: v for k, v in batch.items() if k != F.DECODER_TARGET_TOKENS}
+        want[:, t] = np.asarray(run(p, dict(step_batch, **{F.DECODER_INPUT_TOKENS: dec}))[:, t]).argmax(-1)
+        if t + 1 < steps:
+            dec[:, t + 1] = want[:, t]
+    np.testing.assert_array_equal(np.asarray(tokens), want)
+    # The instruction reaches the decoded tokens through the encoder (prepend states would go to the decoder).
+    plain, _ = predict(p["t5"], **dict(inputs, encoder_fusion_states=None, encoder_fusion_mask=None),
+                       max_decode_len=steps, eos_id=-1)
+    assert not np.array_equal(np.asarray(plain), want)
 
 
 def test_separate_hyper_encoder(trained):

@@ -1,5 +1,6 @@
 """The T5 on a (data=4, model=2) mesh of 8 fake CPU devices (tests/conftest.py): every parameter named,
-parameters really split, sharded forward == single-device forward, model-info lists every parameter."""
+parameters really split, sharded forward == single-device forward, model-info lists every parameter. The
+tree includes the encoder-fusion sub-blocks (initialised with instruction states), so they are covered too."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -15,7 +16,7 @@ from tagi_jax.models.t5 import T5
 from tagi_jax.models.t5_config import tiny_config
 from tiny_hf import random_adapters
 
-BATCH, ENC_LEN, DEC_LEN = 8, 12, 6
+BATCH, ENC_LEN, DEC_LEN, FUSION_LEN = 8, 12, 6, 5
 
 
 def _batch(config):
@@ -31,10 +32,19 @@ def _batch(config):
     return enc, dec, tgt
 
 
+def _fusion_inputs(config):
+    """Instruction states [BATCH, FUSION_LEN, d_model] for the encoder fusion, with padding."""
+    rng = np.random.RandomState(1)
+    states = rng.randn(BATCH, FUSION_LEN, config.d_model).astype(np.float32)
+    mask = np.arange(FUSION_LEN)[None, :] < (1 + np.arange(BATCH) % FUSION_LEN)[:, None]
+    return states, mask
+
+
 def _init_fn(config):
     model = T5(config)
     dummy = jnp.ones((1, 4), jnp.int32)
-    return lambda rng: model.init(rng, dummy, dummy, dummy)
+    states = jnp.zeros((1, 3, config.d_model), jnp.float32)
+    return lambda rng: model.init(rng, dummy, dummy, dummy, encoder_fusion_states=states)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["tp", "tp+fsdp"])
@@ -69,6 +79,9 @@ def test_model_axis_parameters_are_split(sharded):
         ("decoder", "layers_1", "encoder_decoder_attention", "out", "kernel"): ("joined_kv", "embed"),
         ("decoder", "relpos_bias", "rel_embedding"): ("heads", "relpos_buckets"),
         ("decoder", "decoder_norm", "scale"): ("embed",),
+        ("encoder", "layers_0", "instruction_attention", "key", "kernel"): ("embed", "joined_kv"),
+        ("encoder", "layers_1", "instruction_attention", "out", "kernel"): ("joined_kv", "embed"),
+        ("encoder", "layers_1", "pre_instruction_attention_layer_norm", "scale"): ("embed",),
     }
     if config.is_gated:
         expected[("decoder", "logits_dense", "kernel")] = ("embed", "vocab")
@@ -102,21 +115,30 @@ def test_sharded_forward_equals_single_device(sharded):
     model = T5(config)
     enc, dec, tgt = _batch(config)
     adapters = random_adapters(config, lora.DEFAULT_TARGETS, rank=2, batch=BATCH, seed=1)
+    states, mask = _fusion_inputs(config)
+    # The fusion output projections start at zero; give them weight so the sharded fusion path is compared.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.1 if "instruction_attention']['out" in jax.tree_util.keystr(path) else x, params)
 
-    def forward(params, enc, dec, tgt, adapters):
-        return model.apply(params, enc, dec, tgt, adapters=adapters)
+    def forward(params, enc, dec, tgt, states, mask, adapters):
+        return model.apply(params, enc, dec, tgt, adapters=adapters, encoder_fusion_states=states,
+                           encoder_fusion_mask=mask)
 
     # single device: a copy of the parameters on device 0
     device = jax.devices()[0]
     local = jax.device_put(jax.tree.map(np.asarray, params), device)
-    want = jax.jit(forward)(local, enc, dec, tgt, adapters)
+    want = jax.jit(forward)(local, enc, dec, tgt, states, mask, adapters)
+    zero_fusion = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * 0 if "instruction_attention']['out" in jax.tree_util.keystr(path) else x, local)
+    assert np.abs(np.asarray(want) - np.asarray(jax.jit(forward)(zero_fusion, enc, dec, tgt, states, mask,
+                                                                 adapters))).max() > 1e-3  # fusion is in play
 
-    batch_shardings = partitioning.batch_shardings(mesh, (enc, dec, tgt))
+    batch_shardings = partitioning.batch_shardings(mesh, (enc, dec, tgt, states, mask))
     # per-example factors split over `data` like the batch; the scalar scales replicated
     batch_shardings += (jax.tree.map(lambda x: partitioning.data_sharding(mesh, x.ndim) if x.ndim
                                      else partitioning.replicated(mesh), adapters),)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    inputs = jax.device_put((enc, dec, tgt, adapters), batch_shardings)
+    inputs = jax.device_put((enc, dec, tgt, states, mask, adapters), batch_shardings)
     # jax.set_mesh, not the legacy `with mesh:` (with which flax's logical constraints are silently no-ops)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         got = jax.jit(forward, in_shardings=(param_shardings,) + tuple(batch_shardings))(params, *inputs)

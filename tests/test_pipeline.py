@@ -1,19 +1,24 @@
 """The training pipeline: config validation (fast, before any work) and tiny end-to-end runs of every stage, on
 the synthetic suite and on P3 (rank classification on the real held-out sets)."""
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from tagi_jax import data as data_lib
 from tagi_jax import pipeline
 from tagi_jax.config import ConfigError, load_config
 from tagi_jax.jsonl import iter_jsonl
 from tagi_jax.metrics import MTEST11
+from tagi_jax.models.t5 import is_encoder_fusion_param
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -51,6 +56,7 @@ def tiny_config(steps: int = 2):
         (("model.checkpoint", "/no/such/t5"), "model.checkpoint"),
         (("stages.finetune.train.num_microbatches", 3), "stages.finetune.train"),
         (("tagi.teachers_per", "dataset"), "tagi.teachers_per"),
+        (("tagi.fusion", "decoder_concat"), "tagi.fusion"),
     ],
 )
 def test_bad_config_fails_fast_naming_the_key(override, key):
@@ -85,6 +91,75 @@ def test_launch_rejects_unknown_key_before_any_work(tmp_path):
 
 def test_demo_config_is_valid():
     pipeline.validate(load_config(DEMO))
+
+
+def test_encoder_fusion_config_is_valid():
+    c = load_config(DEMO, ["tagi.fusion=encoder_cross_attention"])
+    pipeline.validate(c)
+    assert pipeline.tagi_config(c, num_teachers=1).fusion == "encoder_cross_attention"
+
+
+def _fusion_paths(tree) -> list:
+    return [p for p in traverse_util.flatten_dict(tree) if is_encoder_fusion_param(p)]
+
+
+def test_encoder_fusion_blocks_live_and_train_only_in_student_stages():
+    """Stages that run the student hold (and train) the encoder-fusion blocks; the backbone, the baselines,
+    the teachers and the finetune teacher have none. Freezing "t5" never freezes them, and vice versa."""
+    from tagi_jax import optim
+
+    cfg = pipeline.tagi_config(load_config(DEMO, ["tagi.fusion=encoder_cross_attention"]), num_teachers=2)
+    for stage in pipeline.STAGES:
+        tree = jax.eval_shape(lambda r: nn.meta.unbox(pipeline.stage_init_fn(stage, cfg)(r)), jax.random.key(0))
+        student = tree["student"] if stage == "finetune" else tree
+        assert bool(_fusion_paths(student)) == (stage in pipeline.FUSION_STAGES), stage
+        if stage == "finetune":
+            assert not _fusion_paths(tree["teacher"])
+        labels = traverse_util.flatten_dict(optim.parameter_labels(tree, pipeline._frozen_patterns(stage)))
+        for path, label in labels.items():
+            sub = path[1:] if stage == "finetune" else path
+            if path[0] == "teacher":
+                assert label == "frozen", path
+            elif is_encoder_fusion_param(sub):
+                assert label != "frozen", (stage, path)  # only present where it is trained
+            elif sub[0] == "t5":
+                assert (label != "frozen") == ("t5" in pipeline.STAGE_TRAINS[stage]), (stage, path)
+    t5_re, fusion_re = (re.compile(pipeline._SUBTREE_PATTERNS[k]) for k in ("t5", "fusion"))
+    fusion_path = "t5/encoder/layers_3/instruction_attention/out/kernel"
+    assert fusion_re.match(fusion_path) and not t5_re.match(fusion_path)
+    assert t5_re.match("t5/encoder/layers_3/attention/out/kernel") and not fusion_re.match("t5/encoder/encoder_norm/scale")
+
+
+def test_hf_import_into_an_encoder_fusion_model_keeps_the_backbone_function(tmp_path):
+    """The imported backbone lacks the fusion blocks: they keep their zero-output initialisation, so the
+    student computes what it computes without fusion; any other missing parameter is an error."""
+    from tagi_jax import features as F
+    from tagi_jax import hf
+    from tagi_jax.models import tagi
+    from tagi_jax.models.t5 import init_params as t5_init
+    from tagi_jax.models.t5_config import tiny_config as tiny_t5
+
+    t5_cfg = tiny_t5()
+    hf.save_t5_hf(str(tmp_path / "hf"), t5_cfg, t5_init(t5_cfg, jax.random.key(1)))
+    _, host = hf.load_t5(str(tmp_path / "hf"))
+    cfg = tagi.TAGIConfig(t5=t5_cfg, fusion="encoder_cross_attention")
+    fresh = nn.meta.unbox(jax.jit(lambda r: tagi.init_params(cfg, r))(jax.random.key(0)))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), fresh)
+    t5 = pipeline._overlay_host(fresh["t5"], host, abstract["t5"], "the checkpoint", "pretrain")
+    flat, imported = traverse_util.flatten_dict(t5), traverse_util.flatten_dict(host)
+    assert set(flat) == set(imported) | set(_fusion_paths(fresh["t5"]))
+    for path, value in imported.items():
+        np.testing.assert_array_equal(flat[path], value)
+    params = dict(fresh, t5=t5)
+    rng = np.random.default_rng(0)
+    tokens = lambda: rng.integers(3, t5_cfg.vocab_size, size=(2, 6)).astype(np.int32)
+    batch = {F.ENCODER_INPUT_TOKENS: tokens(), F.HYPER_ENCODER_INPUT_TOKENS: tokens(), F.DECODER_INPUT_TOKENS: tokens()}
+    logits = {fusion: jax.jit(functools.partial(tagi.student_logits, tagi.TAGI(cfg.replace(fusion=fusion))))(
+        params, batch) for fusion in ("encoder_cross_attention", "none")}
+    np.testing.assert_array_equal(logits["encoder_cross_attention"], logits["none"])
+    del host["encoder"]["layers_0"]["mlp"]
+    with pytest.raises(ConfigError, match="no parameter 'encoder/layers_0/mlp/"):
+        pipeline._overlay_host(fresh["t5"], host, abstract["t5"], "the checkpoint", "pretrain")
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +202,48 @@ def test_stages_hand_their_parameters_on(tiny_run):
     # The student's teacher table is frozen and carried; the teachers stage's table lives in the frozen teacher.
     assert set(tagi) >= {"t5", "hypernet"}
 
+
+@pytest.fixture(scope="module")
+def fusion_run(tmp_path_factory):
+    """Encoder fusion: concat (no fusion blocks) -> pretrain (adds and trains them) -> hint, evaluated."""
+    c = tiny_config()
+    c.tagi.fusion = "encoder_cross_attention"
+    c.pipeline.stages = ("concat", "pretrain", "hint")
+    c.pipeline.evaluate = ("hint",)
+    c.stages.concat.init_from = ""  # fresh
+    c.stages.pretrain.init_from = "concat"  # as the demo: the TAGI stages start from the concat baseline
+    workdir = str(tmp_path_factory.mktemp("fusion_pipeline"))
+    return workdir, c, pipeline.run(c, workdir)
+
+
+def test_encoder_fusion_pipeline_adds_trains_and_hands_on_the_fusion_blocks(fusion_run):
+    from tagi_jax import partitioning, trainer as trainer_lib
+
+    workdir, c, result = fusion_run
+    assert [r["step"] for r in result["stages"]] == [2, 2, 2] and set(result["summary"]) == {"hint"}
+    assert not _fusion_paths_of(trainer_lib.saved_param_paths(os.path.join(workdir, "concat")))
+    # pretrain starts from concat: its backbone exactly, plus fresh zero-output fusion blocks.
+    ctx = pipeline.prepare(c, workdir)
+    abstract, _ = partitioning.abstract_with_shardings(pipeline.stage_init_fn("pretrain", ctx.model_cfg), ctx.mesh,
+                                                       ctx.rules, jax.random.key(0))
+    start = pipeline.build_initial_params("pretrain", ctx, type("T", (), {"abstract_params": abstract}))()
+    _, _, concat = pipeline.load_trained(workdir, "concat")
+    flat_start, flat_concat = traverse_util.flatten_dict(start["t5"]), traverse_util.flatten_dict(concat["t5"])
+    fusion = _fusion_paths(start["t5"])
+    assert fusion and set(flat_start) == set(flat_concat) | set(fusion)
+    for path, value in flat_concat.items():
+        np.testing.assert_array_equal(flat_start[path], value)
+    outs = [p for p in fusion if p[-2:] == ("out", "kernel")]
+    assert outs and not any(np.any(np.asarray(flat_start[p])) for p in outs)
+    # Trained in pretrain (the output projections left zero), then carried into hint.
+    pretrained = traverse_util.flatten_dict(trainer_lib.load_params(os.path.join(workdir, "pretrain"), abstract)["t5"])
+    assert all(np.any(np.asarray(pretrained[p])) for p in outs)
+    _, _, hint = pipeline.load_trained(workdir, "hint")
+    assert set(_fusion_paths(hint["t5"])) == set(fusion)
+
+
+def _fusion_paths_of(paths) -> list:
+    return [p for p in paths if is_encoder_fusion_param(p)]
 
 def test_rerun_resumes_without_training_again(tiny_run):
     workdir, _ = tiny_run

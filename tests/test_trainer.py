@@ -232,6 +232,12 @@ def test_checkpoints_kept_and_params_loadable(straight_run):
     assert straight_run["steps"] == [3, 6]
     params = trainer.load_params(straight_run["workdir"], straight_run["abstract"])
     assert params_bytes(params) == params_bytes(straight_run["state"].params)
+    # What a checkpoint holds is readable without restoring it; asking for more is an error naming the path.
+    flat = jax.tree_util.tree_flatten_with_path(straight_run["abstract"])[0]
+    assert trainer.saved_param_paths(straight_run["workdir"]) == {tuple(k.key for k in p) for p, _ in flat}
+    extra = {**straight_run["abstract"], "added": jax.tree.leaves(straight_run["abstract"])[0]}
+    with pytest.raises(KeyError, match="has no parameter 'added'"):
+        trainer.load_params(straight_run["workdir"], extra)
 
 
 def test_a_finished_run_does_nothing_more(straight_run):

@@ -18,8 +18,14 @@ target is padding (T5X masks by target tokens because the first decoder input, t
 
 LoRA: every ``Dense`` projection takes optional factors ``(A, B, scale)`` and computes
 ``x·W + scale·((x·A)·B)`` (`lora.lora_delta`); the ``adapters`` pytree (see `tagi_jax.models.lora`) is
-sliced per stack and layer here. Instruction fusion: ``extra_encoder_states`` are prepended to the encoder
-output the decoder cross-attends to (cross-attention k/v adapters apply to them too).
+sliced per stack and layer here. Instruction fusion, two kinds:
+
+* ``extra_encoder_states`` (decode) are prepended to the encoder output the decoder cross-attends to
+  (cross-attention k/v adapters apply to them too);
+* ``encoder_fusion_states`` (encode) are cross-attended by every encoder layer in a sub-block after its
+  self-attention (``pre_instruction_attention_layer_norm`` + ``instruction_attention``, no LoRA). Those
+  parameters exist only in trees initialised with fusion states; the output projection starts at zero, so
+  a tree without them (a Hugging Face import) extended with fresh ones computes exactly the same function.
 
 Incremental decoding (T5X convention), with the flax ``"cache"`` collection:
 
@@ -186,6 +192,7 @@ class MultiHeadAttention(nn.Module):
     """T5 attention (no 1/sqrt(d_kv) scaling), optional relative bias, optional T5X decode cache."""
 
     config: T5Config
+    zero_output: bool = False  # output projection initialised to zero (a new sub-block that starts as a no-op)
 
     @nn.compact
     def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array], bias: Optional[Array], *,
@@ -214,7 +221,8 @@ class MultiHeadAttention(nn.Module):
         weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         out = _constrain(out, ("batch", "length", "heads", "kv")).reshape(out.shape[:2] + (inner,))
-        return Dense(cfg, cfg.d_model, ("joined_kv", "embed"), name="out")(out, factors.get("o"))
+        out_init = {"kernel_init": nn.initializers.zeros_init()} if self.zero_output else {}
+        return Dense(cfg, cfg.d_model, ("joined_kv", "embed"), name="out", **out_init)(out, factors.get("o"))
 
     def _update_cache(self, q, k, v, mask, cache_length):
         """T5X decode cache: allocate on the first (full-length) call, then write one position per call."""
@@ -263,16 +271,32 @@ def _residual_dropout(cfg: T5Config, x: Array, deterministic: bool) -> Array:
     return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
 
 
+# Encoder fusion sub-block (parameter names inside `encoder/layers_<i>`).
+FUSION_NORM, FUSION_ATTENTION = "pre_instruction_attention_layer_norm", "instruction_attention"
+
+
+def is_encoder_fusion_param(path: tuple[str, ...]) -> bool:
+    """Whether a parameter path (as in a T5 tree, or a TAGI tree's "t5" subtree) is an encoder-fusion one."""
+    return any(a == "encoder" and b.startswith("layers_") and c in (FUSION_NORM, FUSION_ATTENTION)
+               for a, b, c in zip(path, path[1:], path[2:]))
+
+
 class EncoderLayer(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, x, bias, mask, *, attn_factors, ffn_factors, deterministic):
+    def __call__(self, x, bias, mask, *, attn_factors, ffn_factors, deterministic, fusion_states=None,
+                 fusion_mask=None):
         cfg = self.config
         h = LayerNorm(cfg, name="pre_attention_layer_norm")(x)
         h = MultiHeadAttention(cfg, name="attention")(h, h, mask, bias, factors=attn_factors,
                                                       deterministic=deterministic)
         x = x + _residual_dropout(cfg, h, deterministic)
+        if fusion_states is not None:  # the instruction, read between self-attention and the MLP
+            h = LayerNorm(cfg, name=FUSION_NORM)(x)
+            h = MultiHeadAttention(cfg, zero_output=True, name=FUSION_ATTENTION)(
+                h, fusion_states, fusion_mask, None, factors={}, deterministic=deterministic)
+            x = x + _residual_dropout(cfg, h, deterministic)
         h = LayerNorm(cfg, name="pre_mlp_layer_norm")(x)
         h = MlpBlock(cfg, name="mlp")(h, factors=ffn_factors, deterministic=deterministic)
         x = x + _residual_dropout(cfg, h, deterministic)
@@ -311,8 +335,12 @@ class Encoder(nn.Module):
     shared_embedding: nn.Module
 
     @nn.compact
-    def __call__(self, tokens: Array, *, adapters, deterministic: bool) -> Array:
+    def __call__(self, tokens: Array, *, adapters, deterministic: bool, fusion_states: Optional[Array] = None,
+                 fusion_mask: Optional[Array] = None) -> Array:
         cfg = self.config
+        if fusion_states is not None:
+            fusion_states = _constrain(jnp.asarray(fusion_states, cfg.jnp_dtype), ("batch", "length", "embed"))
+            fusion_mask = fusion_mask[:, None, None, :]
         x = _constrain(self.shared_embedding(tokens), ("batch", "length", "embed"))
         x = _residual_dropout(cfg, x, deterministic)
         length = tokens.shape[1]
@@ -321,7 +349,8 @@ class Encoder(nn.Module):
         for i in range(cfg.num_encoder_layers):
             x = EncoderLayer(cfg, name=f"layers_{i}")(
                 x, bias, mask, attn_factors=lora.block_factors(adapters, "encoder_self", i),
-                ffn_factors=lora.block_factors(adapters, "encoder_ffn", i), deterministic=deterministic)
+                ffn_factors=lora.block_factors(adapters, "encoder_ffn", i), deterministic=deterministic,
+                fusion_states=fusion_states, fusion_mask=fusion_mask)
         x = LayerNorm(cfg, name="encoder_norm")(x)
         return _residual_dropout(cfg, x, deterministic)
 
@@ -401,10 +430,14 @@ class T5(nn.Module):
         self.decoder = Decoder(cfg, shared_embedding=self.token_embedder)
 
     def encode(self, encoder_input_tokens: Array, *, adapters: lora.Adapters | None = None,
+               encoder_fusion_states: Optional[Array] = None, encoder_fusion_mask: Optional[Array] = None,
                enable_dropout: bool = False) -> Array:
-        """Final-normed encoder states [batch, len, d_model]."""
+        """Final-normed encoder states [batch, len, d_model] (every layer reading the fusion states if given)."""
         lora.check_adapters(self.config, adapters, batch=encoder_input_tokens.shape[0])
-        return self.encoder(encoder_input_tokens, adapters=adapters, deterministic=not enable_dropout)
+        encoder_fusion_mask = _check_states("encoder_fusion", self.config, encoder_fusion_states,
+                                            encoder_fusion_mask, encoder_input_tokens.shape[0])
+        return self.encoder(encoder_input_tokens, adapters=adapters, deterministic=not enable_dropout,
+                            fusion_states=encoder_fusion_states, fusion_mask=encoder_fusion_mask)
 
     def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Optional[Array] = None, *, adapters: lora.Adapters | None = None,
@@ -416,18 +449,11 @@ class T5(nn.Module):
         lora.check_adapters(cfg, adapters, batch=decoder_input_tokens.shape[0])
         memory = jnp.asarray(encoded, cfg.jnp_dtype)
         memory_mask = encoder_input_tokens > 0
+        extra_encoder_mask = _check_states("extra_encoder", cfg, extra_encoder_states, extra_encoder_mask,
+                                           memory.shape[0])
         if extra_encoder_states is not None:
-            if extra_encoder_states.ndim != 3 or extra_encoder_states.shape[0] != memory.shape[0] or \
-                    extra_encoder_states.shape[-1] != cfg.d_model:
-                raise ValueError(f"extra_encoder_states: shape {extra_encoder_states.shape}, expected "
-                                 f"[{memory.shape[0]}, n, {cfg.d_model}]")
-            if extra_encoder_mask is None:
-                extra_encoder_mask = jnp.ones(extra_encoder_states.shape[:2], jnp.bool_)
-            if extra_encoder_mask.shape != extra_encoder_states.shape[:2]:
-                raise ValueError(f"extra_encoder_mask: shape {extra_encoder_mask.shape}, expected "
-                                 f"{extra_encoder_states.shape[:2]}")
             memory = jnp.concatenate([jnp.asarray(extra_encoder_states, cfg.jnp_dtype), memory], axis=1)
-            memory_mask = jnp.concatenate([extra_encoder_mask.astype(jnp.bool_), memory_mask], axis=1)
+            memory_mask = jnp.concatenate([extra_encoder_mask, memory_mask], axis=1)
         memory = _constrain(memory, ("batch", "length", "embed"))
         return self.decoder(memory, memory_mask, decoder_input_tokens, decoder_target_tokens, adapters=adapters,
                             deterministic=not enable_dropout or decode, decode=decode,
@@ -436,21 +462,39 @@ class T5(nn.Module):
     def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                  decoder_target_tokens: Optional[Array] = None, *, enable_dropout: bool = False,
                  adapters: lora.Adapters | None = None, extra_encoder_states: Optional[Array] = None,
-                 extra_encoder_mask: Optional[Array] = None, decode: bool = False,
+                 extra_encoder_mask: Optional[Array] = None, encoder_fusion_states: Optional[Array] = None,
+                 encoder_fusion_mask: Optional[Array] = None, decode: bool = False,
                  max_decode_length: Optional[int] = None) -> Array:
         """Teacher-forced logits [batch, tlen, vocab] (encode + decode)."""
-        encoded = self.encode(encoder_input_tokens, adapters=adapters, enable_dropout=enable_dropout)
+        encoded = self.encode(encoder_input_tokens, adapters=adapters, encoder_fusion_states=encoder_fusion_states,
+                              encoder_fusion_mask=encoder_fusion_mask, enable_dropout=enable_dropout)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                            adapters=adapters, extra_encoder_states=extra_encoder_states,
                            extra_encoder_mask=extra_encoder_mask, enable_dropout=enable_dropout, decode=decode,
                            max_decode_length=max_decode_length)
 
 
+def _check_states(name: str, cfg: T5Config, states: Optional[Array], mask: Optional[Array],
+                  batch: int) -> Optional[Array]:
+    """Shape-check fusion states [batch, n, d_model]; returns their bool mask [batch, n] (all ones if None)."""
+    if states is None:
+        return None
+    if states.ndim != 3 or states.shape[0] != batch or states.shape[-1] != cfg.d_model:
+        raise ValueError(f"{name}_states: shape {states.shape}, expected [{batch}, n, {cfg.d_model}]")
+    if mask is None:
+        return jnp.ones(states.shape[:2], jnp.bool_)
+    if mask.shape != states.shape[:2]:
+        raise ValueError(f"{name}_mask: shape {mask.shape}, expected {states.shape[:2]}")
+    return mask.astype(jnp.bool_)
+
+
 def init_params(config: T5Config, rng: Array, *, batch: int = 1, enc_len: int = 1, dec_len: int = 1,
-                boxed: bool = False):
-    """Initial parameters from dummy inputs (``boxed=True`` keeps the `nn.LogicallyPartitioned` boxes)."""
+                fusion_len: int = 0, boxed: bool = False):
+    """Initial parameters from dummy inputs (``boxed=True`` keeps the `nn.LogicallyPartitioned` boxes);
+    ``fusion_len > 0`` adds the encoder-fusion sub-blocks (zero output projection)."""
     model = T5(config)
     enc = jnp.ones((batch, enc_len), jnp.int32)
     dec = jnp.ones((batch, dec_len), jnp.int32)
-    params = model.init(rng, enc, dec, dec)["params"]
+    fusion = jnp.zeros((batch, fusion_len, config.d_model), config.jnp_dtype) if fusion_len > 0 else None
+    params = model.init(rng, enc, dec, dec, encoder_fusion_states=fusion)["params"]
     return params if boxed else nn.meta.unbox(params)

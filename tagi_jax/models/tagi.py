@@ -8,17 +8,24 @@ Parameter tree (top level)::
      "teachers": {<target>: {"A": [tasks, ...], "B": ...}},  # only if num_teachers > 0
      "hyper_encoder": {"token_embedder", "encoder"}}         # only if separate_hyper_encoder
 
-`params["t5"]` is an ordinary T5 parameter tree, so Hugging Face imports, `lora.merge_adapter` and
-`tagi_jax.decoding.predict(T5(config.t5), params["t5"], ...)` work on it unchanged; `student_decoding_inputs`
-gives `predict` the generated adapters and fused instruction states.
+With fusion "encoder_cross_attention" every `t5/encoder/layers_<i>` also holds the fusion sub-block
+(`pre_instruction_attention_layer_norm`, `instruction_attention`; see `tagi_jax.models.t5`).
+
+`params["t5"]` is an ordinary T5 parameter tree (plus the fusion sub-blocks above, which a Hugging Face export
+refuses), so Hugging Face imports, `lora.merge_adapter` and `tagi_jax.decoding.predict(T5(config.t5),
+params["t5"], ...)` work on it unchanged; `student_decoding_inputs` gives `predict` the generated adapters and
+the fused instruction states.
 
 Instruction fusion (`TAGIConfig.fusion`):
 * "prepend" (default, the original code's): the decoder cross-attends to the encoded instruction
   prepended to the encoded input (`extra_encoder_states` of `T5.decode`);
+* "encoder_cross_attention" (the paper's): every encoder layer cross-attends to the encoded instruction
+  after its self-attention (`encoder_fusion_states` of `T5.encode`). The sub-block's output projection
+  starts at zero, so at initialisation the model computes what the backbone it was loaded from computed;
 * "none": the instruction reaches the model only through the generated adapters (the setting that
-  exports exactly as a PEFT LoRA);
-* "encoder_cross_attention" (the paper's per-layer fusion inside the encoder) is not implemented and is
-  rejected at config validation.
+  exports exactly as a PEFT LoRA).
+
+`fusion_kwargs` is the one place that routes instruction states to the T5 by fusion kind.
 
 Pure functions never jit: the trainer compiles them. Dropout is on iff an `rng` is given.
 """
@@ -37,10 +44,7 @@ from tagi_jax.models.t5 import T5
 from tagi_jax.models.t5_config import DictConfig, T5Config
 from tagi_jax.models.teachers import TeacherTable
 
-FUSIONS = ("prepend", "none")
-_UNIMPLEMENTED_FUSIONS = {
-    "encoder_cross_attention": "the paper's per-layer encoder cross-attention fusion",
-}
+FUSIONS = ("prepend", "encoder_cross_attention", "none")
 
 Batch = Mapping[str, jax.Array]
 # (adapters, instruction_states [b, n, d_model], instruction_mask [b, n]) from `generate_adapters`.
@@ -60,11 +64,6 @@ class TAGIConfig(DictConfig):
     separate_hyper_encoder: bool = False  # own T5 encoder for instructions instead of the backbone's
 
     def __post_init__(self):
-        if self.fusion in _UNIMPLEMENTED_FUSIONS:
-            raise NotImplementedError(
-                f"tagi.fusion={self.fusion!r} ({_UNIMPLEMENTED_FUSIONS[self.fusion]}) is not implemented; "
-                f"use one of {FUSIONS}"
-            )
         if self.fusion not in FUSIONS:
             raise ValueError(f"tagi.fusion: {self.fusion!r} is not one of {FUSIONS}")
         if self.num_teachers < 0:
@@ -81,6 +80,11 @@ class TAGIConfig(DictConfig):
         return self.hypernet.adapter_targets
 
     @property
+    def uses_instruction_states(self) -> bool:
+        """Whether the student reads the encoded instruction besides the adapters (any fusion but "none")."""
+        return self.fusion != "none"
+
+    @property
     def teacher_scale(self) -> float:
         return self.teacher_alpha / self.teacher_rank
 
@@ -93,6 +97,18 @@ class TAGIConfig(DictConfig):
         if isinstance(d.get("hypernet"), Mapping):
             d["hypernet"] = HyperNetConfig.from_dict(d["hypernet"])
         return cls(**d)
+
+
+def fusion_kwargs(fusion: str, states: Optional[jax.Array], mask: Optional[jax.Array]) -> dict[str, Any]:
+    """T5 keyword arguments (`__call__`, `decoding.predict`, `decoding.score_targets`) that carry the encoded
+    instruction to where `fusion` reads it: the decoder's memory ("prepend") or every encoder layer."""
+    prepend, encoder = fusion == "prepend", fusion == "encoder_cross_attention"
+    return {
+        "extra_encoder_states": states if prepend else None,
+        "extra_encoder_mask": mask if prepend else None,
+        "encoder_fusion_states": states if encoder else None,
+        "encoder_fusion_mask": mask if encoder else None,
+    }
 
 
 def _require(batch: Batch, key: str, what: str) -> jax.Array:
@@ -121,29 +137,23 @@ class TAGI(nn.Module):
         """Instructions [b, n] -> (adapters pytree, instruction states [b, n, d_model], mask [b, n]).
 
         One encoder pass serves both the hypernetwork (padding-aware mean pool) and the fusion states. The
-        backbone's encoder runs *without* adapters here: the instruction is read by the unadapted model.
+        backbone's encoder runs *without* adapters or fusion here: the instruction is read by the plain model.
         """
         encoder = self.hyper_encoder if self.hyper_encoder is not None else self.t5
         states = encoder.encode(hyper_tokens, adapters=None, enable_dropout=enable_dropout)
         adapters = self.hypernet(masked_mean_pool(states, hyper_tokens), enable_dropout=enable_dropout)
         return adapters, states, hyper_tokens > 0
 
-    def fusion_inputs(self, instruction_states, instruction_mask):
-        """(extra_encoder_states, extra_encoder_mask) for `T5.decode` under the configured fusion."""
-        if self.config.fusion == "prepend":
-            return instruction_states, instruction_mask
-        return None, None
-
     def student_logits(self, batch: Batch, adapters, instruction_states=None, instruction_mask=None,
                        enable_dropout: bool = False) -> jax.Array:
         """The backbone with generated adapters on `encoder_input_tokens` (the instance only), fused."""
-        extra, extra_mask = self.fusion_inputs(instruction_states, instruction_mask)
-        if self.config.fusion == "prepend" and extra is None:
-            raise ValueError("student_logits: fusion='prepend' needs the instruction states from generate_adapters")
+        if self.config.uses_instruction_states and instruction_states is None:
+            raise ValueError(f"student_logits: fusion={self.config.fusion!r} needs the instruction states from "
+                             "generate_adapters")
         return self.t5(
             _require(batch, F.ENCODER_INPUT_TOKENS, "student"), _require(batch, F.DECODER_INPUT_TOKENS, "student"),
-            batch.get(F.DECODER_TARGET_TOKENS), adapters=adapters, extra_encoder_states=extra,
-            extra_encoder_mask=extra_mask, enable_dropout=enable_dropout,
+            batch.get(F.DECODER_TARGET_TOKENS), adapters=adapters, enable_dropout=enable_dropout,
+            **fusion_kwargs(self.config.fusion, instruction_states, instruction_mask),
         )
 
     def student(self, batch: Batch, enable_dropout: bool = False) -> tuple[jax.Array, dict]:
@@ -272,13 +282,12 @@ def no_instruction_logits(model: TAGI, params, batch: Batch, rng: Optional[jax.A
 
 def student_decoding_inputs(model: TAGI, params, batch: Batch) -> dict[str, Any]:
     """Keyword arguments for `tagi_jax.decoding.predict(T5(config.t5), params["t5"], **inputs, ...)`:
-    the instance tokens, the generated adapters and the fused instruction states (None without fusion)."""
+    the instance tokens, the generated adapters and the instruction states routed by `fusion_kwargs` (the
+    encoder reads them once per batch under encoder fusion; the decoder every step under "prepend")."""
     adapters, states, mask = generate_adapters(
         model, params, _require(batch, F.HYPER_ENCODER_INPUT_TOKENS, "student"))
-    prepend = model.config.fusion == "prepend"
     return {
         "encoder_input_tokens": _require(batch, F.ENCODER_INPUT_TOKENS, "student"),
         "adapters": adapters,
-        "extra_encoder_states": states if prepend else None,
-        "extra_encoder_mask": mask if prepend else None,
+        **fusion_kwargs(model.config.fusion, states, mask),
     }
