@@ -2,7 +2,7 @@
 
 All stages (LoRA teachers, hypernetwork pretraining, TAGI finetuning) and the three baselines (instruction
 concatenation, no instruction, hypernetwork without distillation), then ROUGE-L and exact match on unseen and
-seen tasks for each method (`summary.json`). About 15 minutes on 2 CPU cores.
+seen tasks for each method (`summary.json`). About 13 minutes on 2 CPU cores.
 
     python launch/train.py --config=configs/demo.py --workdir=runs/demo [--config.key=value ...]
 """
