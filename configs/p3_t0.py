@@ -21,8 +21,9 @@ Where the values come from:
   500k cap per dataset (`mixture_cap`), and 12,200 steps (its training command continues the LM-adapted
   checkpoint from step 1,100,000 to 1,112,200) for the multitask stages (concat = T0 itself, no_instruction,
   finetune, hint).
-* configs/sni_t5_lm.py (the TAGI paper's SNI values, reused here, our choice): LoRA rank 32, λ1 = 5,
-  λ2 = sigmoid(L_ins), KD temperature 3, hypernetwork sizes, pretraining on C4.
+* configs/sni_t5_lm.py (the TAGI paper's SNI values, reused here through
+  `pipeline.pretrained_backbone_config`, our choice): LoRA rank 32, λ1 = 5, λ2 = sigmoid(L_ins), KD temperature
+  3, hypernetwork sizes, pretraining on C4.
 * Our choice: the instance-only and instruction lengths (1024, 256), one LoRA teacher per dataset (a dataset's
   templates are one task), 2,000 steps for the teachers and for hypernetwork pretraining, dropout 0.1 (the T5
   fine-tuning default), microbatch counts (not measured), no global-norm clipping (Adafactor clips its
@@ -47,37 +48,24 @@ def get_config(size: str = "base"):
     if size not in _SIZES:
         raise ValueError(f"configs/p3_t0.py: size {size!r} is not one of {sorted(_SIZES)}")
     micro, model_axis, hidden = _SIZES[size]
-    c = pipeline.default_config()
-    c.model.checkpoint = ""  # required: a local google/t5-<size>-lm-adapt directory (config.json + weights)
-    c.model.dtype = "bfloat16"
-    c.model.dropout_rate = 0.1
-    c.hypernet.update(dict(rank=32, lora_alpha=32.0, hidden_dim=hidden, embed_dim=128, dropout_rate=0.1))
-    c.tagi.update(dict(fusion="prepend", teacher_rank=32, teacher_alpha=32.0, teachers_per="category"))
-
+    c = pipeline.pretrained_backbone_config(hypernet_hidden_dim=hidden, teachers_per="category")
     c.data.benchmark = "p3"
-    c.data.vocabulary = ""  # required: the backbone's spiece.model
     c.data.lengths.update(dict(inputs=1024, hyper_inputs=256, full_inputs=1024, targets=256))
     c.data.p3.update(dict(
         templates_dir="", train_data_dir="", eval_data_dir="",  # required: see the module docstring
         train_datasets=data.T0_TRAIN_DATASETS, eval_datasets=MTEST11,
         train_original_task_only=False, eval_original_task_only=True,
         max_train_examples_per_task=0, mixing_cap=500_000))
-    c.data.pretrain.update(dict(source="tfds:c4/en", min_words=64))
-    c.data.pretrain.lengths.update(dict(inputs=512, hyper_inputs=1024, full_inputs=1024, targets=128))
 
     steps = dict(teachers=_OWN_STEPS, pretrain=_OWN_STEPS, finetune=_T0_STEPS, concat=_T0_STEPS,
                  no_instruction=_T0_STEPS, hint=_T0_STEPS)
-    c.pipeline.stages = ("teachers", "pretrain", "finetune", "concat", "no_instruction", "hint")
     for stage, n in steps.items():
         s = c.stages[stage]
-        s.init_from = {"teachers": "", "pretrain": "", "concat": "", "no_instruction": ""}.get(
-            stage, s.init_from)
         s.train.update(dict(steps=n, batch_size=_BATCH, num_microbatches=micro, log_every=100,
                             checkpoint_every=1000, keep_checkpoints=2))
         s.optimizer.update(dict(name="adafactor", learning_rate=_LR, warmup_steps=0, schedule="constant",
                                 weight_decay=0.0, clip_norm=0.0))
         s.optimizer.adafactor.multiply_by_parameter_scale = False
-    c.loss.update(dict(lambda_kl=5.0, lambda_ins="sigmoid", temperature=3.0, kl_teacher="lora_teachers"))
     c.mesh.update(dict(data=-1, model=model_axis, fsdp=size == "xxl"))
     # Every validation example (the largest held-out set, HellaSwag, has 10,042); batch = scored choices.
     c.eval.update(dict(batch_size=64, max_examples_per_task=100_000))

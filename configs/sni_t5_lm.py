@@ -25,35 +25,22 @@ def get_config(size: str = "base"):
     if size not in _SIZES:
         raise ValueError(f"configs/sni_t5_lm.py: size {size!r} is not one of {sorted(_SIZES)}")
     lr, batch, micro, model_axis, hidden = _SIZES[size]
-    c = pipeline.default_config()
-    c.model.checkpoint = ""  # required: a local google/t5-<size>-lm-adapt directory (config.json + weights)
-    c.model.dtype = "bfloat16"
-    c.model.dropout_rate = 0.1
-    c.hypernet.update(dict(rank=32, lora_alpha=32.0, hidden_dim=hidden, embed_dim=128, dropout_rate=0.1))
-    c.tagi.update(dict(fusion="prepend", teacher_rank=32, teacher_alpha=32.0, teachers_per="task"))
-
+    c = pipeline.pretrained_backbone_config(hypernet_hidden_dim=hidden, teachers_per="task")
     c.data.benchmark = "sni"
-    c.data.vocabulary = ""  # required: the backbone's spiece.model
     c.data.setting = "def_pos2"
     c.data.lengths.update(dict(inputs=256, hyper_inputs=1024, full_inputs=1024, targets=128))
     c.data.sni.update(dict(dir="", split="default", max_train_instances=_INSTANCES, max_test_instances=100))
-    c.data.pretrain.update(dict(source="tfds:c4/en", min_words=64))
-    c.data.pretrain.lengths.update(dict(inputs=512, hyper_inputs=1024, full_inputs=1024, targets=128))
 
     epoch_steps = _TRAIN_TASKS * _INSTANCES // batch
     steps = dict(teachers=epoch_steps, pretrain=10_000, finetune=_EPOCHS * epoch_steps,
                  concat=_EPOCHS * epoch_steps, no_instruction=_EPOCHS * epoch_steps, hint=_EPOCHS * epoch_steps)
-    c.pipeline.stages = ("teachers", "pretrain", "finetune", "concat", "no_instruction", "hint")
     for stage, n in steps.items():
         s = c.stages[stage]
-        s.init_from = {"teachers": "", "pretrain": "", "concat": "", "no_instruction": ""}.get(
-            stage, s.init_from)
         s.train.update(dict(steps=n, batch_size=batch, num_microbatches=micro, log_every=100,
                             checkpoint_every=2000, keep_checkpoints=2))
         s.optimizer.update(dict(name="adamw", learning_rate=lr * (10 if stage == "teachers" else 1),
                                 warmup_steps=max(1, int(0.03 * n)), schedule="linear", weight_decay=0.0,
                                 clip_norm=1.0))
-    c.loss.update(dict(lambda_kl=5.0, lambda_ins="sigmoid", temperature=3.0, kl_teacher="lora_teachers"))
     c.mesh.update(dict(data=-1, model=model_axis, fsdp=size == "xxl"))
     c.eval.update(dict(batch_size=64, max_decode_len=128, beam_size=1, max_examples_per_task=100))
     return c
