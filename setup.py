@@ -35,7 +35,7 @@ setup(
     version="0.1.0",
     description="TAGI: generate task-specific LoRA adapters for T5 from natural-language instructions (JAX/Flax).",
     python_requires=">=3.11,<3.13",
-    packages=find_packages(include=["tagi_jax", "tagi_jax.*", "tasks", "tasks.*"]),
+    packages=find_packages(include=["tagi_jax", "tagi_jax.*", "tasks", "tasks.*", "configs"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
 )

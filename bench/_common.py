@@ -113,6 +113,20 @@ def cpu_seconds() -> float:
 
 
 # ------------------------------------------------------------------------------------------ models
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """The backbone and adapter sizes both benchmarks take as flags (their `Settings` extend it)."""
+    d_model: int = 256
+    layers: int = 4
+    heads: int = 4
+    d_kv: int = 64
+    d_ff: int = 1024
+    rank: int = 32
+
+    def t5_config(self) -> T5Config:
+        return small_t5_config(self.d_model, self.layers, self.heads, self.d_kv, self.d_ff)
+
+
 def small_t5_config(d_model: int = 256, layers: int = 4, heads: int = 4, d_kv: int = 64,
                     d_ff: int = 1024, vocab_size: int = 259, dtype: str = "float32") -> T5Config:
     """A T5 v1.1-style (gated GELU, untied logits) backbone; vocab 259 = the byte vocabulary."""
@@ -171,7 +185,7 @@ def decoder_flops(cfg: T5Config, target_len: int, memory_len: int) -> dict[str, 
     Also the cost of `target_len` cached greedy steps: each step's self-attention reads the whole cache
     (masked), i.e. target_len x target_len in total as in the teacher-forced pass, and the cross-attention
     keys/values of the (loop-invariant) memory are computed once per sequence: XLA hoists them out of the
-    decoding loop (checked on the compiled HLO of `tagi_jax.decoding.predict`). Returns the parts
+    decoding loop (checked on the compiled HLO of `tagi_jax.models.predict.predict`). Returns the parts
     {"self", "cross_q_attn_o", "cross_kv", "mlp", "logits"} (summed over layers).
     """
     d, inner, f, layers = cfg.d_model, cfg.inner_dim, cfg.d_ff, cfg.num_decoder_layers
@@ -216,9 +230,7 @@ def merge_flops(cfg: T5Config, targets: Sequence[str], rank: int) -> int:
 
 def hypernet_flops(cfg: T5Config, hyper, instruction_len: int) -> int:
     """Encoding one instruction (backbone encoder, no adapters) + the hypernetwork's projections and heads."""
-    from tagi_jax.models.hypernet import target_spec
-
-    specs = [target_spec(cfg, t) for t in hyper.adapter_targets]
+    specs = [lora.target_spec(cfg, t) for t in hyper.adapter_targets]
     h, e = hyper.hidden_dim, hyper.embed_dim
     max_layers = max(s.num_layers for s in specs)
     flops = encoder_flops(cfg, instruction_len)

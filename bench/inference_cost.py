@@ -17,10 +17,10 @@ length t and instance length i: the encoder's work when its cost is linear in th
 
 Each path is padded to what it needs: TAGI to the instance length, concatenation to instruction + instance
 (per batch, rounded up to one of `--buckets_per_octave` lengths per power of two; instances sorted by
-length within a task). Modes: `score` (default) runs
-the teacher-forced pass on the task's real reference answers (the decoding work of a model that stops at EOS
-after the reference; `tagi_jax.decoding.score_targets`); `greedy` runs `tagi_jax.decoding.predict` for exactly
-`--decode_len` steps (EOS disabled: random weights would stop at random points).
+length within a task). Modes: `score` (default) runs the teacher-forced pass on the task's real reference
+answers (the decoding work of a model that stops at EOS after the reference; `tagi_jax.models.predict
+.score_targets`); `greedy` runs `tagi_jax.models.predict.predict` for exactly `--decode_len` steps (EOS
+disabled: random weights would stop at random points).
 
 Random weights: cost does not depend on the values. Lengths are in bytes (byte vocabulary; no SentencePiece
 model is available offline); T5 SentencePiece tokens are about 4 bytes, which leaves (t + i) / i unchanged but
@@ -37,7 +37,7 @@ import functools
 import pathlib
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # `python bench/x.py`: find the repo
 
@@ -47,162 +47,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tagi_jax import decoding  # noqa: E402
+from bench._inference_inputs import (Batch, Prepared, Settings, TaskTexts, prepare,  # noqa: E402
+                                     sni_tasks, synthetic_tasks)
 from tagi_jax.models import lora  # noqa: E402
 from tagi_jax.models import tagi as tagi_lib  # noqa: E402
+from tagi_jax.models import predict as predict_lib  # noqa: E402
 from tagi_jax.models.hypernet import HyperNetConfig  # noqa: E402
 from tagi_jax.models.t5 import T5  # noqa: E402
+from tagi_jax.vocab import get_vocabulary  # noqa: E402
 
-EOS = 1
 BYTES_PER_TOKEN = 4.0  # rough size of a T5 SentencePiece token in English text (an estimate, for orientation)
-
-
-# ------------------------------------------------------------------------------------------ data
-@dataclasses.dataclass
-class TaskTexts:
-    """One task's text features: its instruction (the same for every instance) and its instances."""
-    suite: str
-    name: str
-    instruction: str            # hyper_inputs
-    inputs: list[str]           # the instance part alone (TAGI)
-    full_inputs: list[str]      # instruction + instance (concatenation)
-    targets: list[str]
-
-
-def _task_texts(suite: str, name: str, examples: Sequence[dict]) -> TaskTexts:
-    from tagi_jax import features as F
-
-    instructions = {ex[F.HYPER_INPUTS] for ex in examples}
-    if len(instructions) != 1:
-        raise ValueError(f"{suite} task {name}: the instruction differs between instances ({len(instructions)} "
-                         "variants); TAGI reads one instruction per task")
-    for ex in examples:
-        if ex[F.FULL_INPUTS] != ex[F.HYPER_INPUTS] + ex[F.INPUTS]:
-            raise ValueError(f"{suite} task {name}: full_inputs is not hyper_inputs + inputs")
-    return TaskTexts(suite, name, examples[0][F.HYPER_INPUTS], [ex[F.INPUTS] for ex in examples],
-                     [ex[F.FULL_INPUTS] for ex in examples], [ex[F.TARGETS] for ex in examples])
-
-
-def sni_tasks(sni_dir, num_tasks: int, instances: int = 100, num_pos: int = 2) -> list[TaskTexts]:
-    """`num_tasks` test tasks of `sni_dir`'s default split, evenly spaced in its list (all of them when
-    num_tasks >= the list's length), Def + `num_pos` Pos, Tk-Instruct format."""
-    from tasks import sni
-
-    listed = sni.read_split(str(sni_dir))[sni.TEST]
-    num_tasks = min(num_tasks, len(listed))
-    names = [listed[(k * len(listed)) // num_tasks] for k in range(num_tasks)]
-    out = []
-    for name in names:
-        task = sni.load_task_file(sni.task_path(str(sni_dir), name))
-        examples = sni.build_examples(task, name, sni.TEST, num_pos=num_pos, num_neg=0, max_instances=instances)
-        out.append(_task_texts("sni", name, examples))
-    return out
-
-
-def synthetic_tasks(num_tasks: int, instances: int = 100, num_pos: int = 2, seed: int = 0) -> list[TaskTexts]:
-    """`num_tasks` unseen tasks of the synthetic suite, one category after another, test instances."""
-    from tasks import synthetic
-
-    suite = synthetic.build_suite(seed)
-    by_category: dict[str, list] = {}
-    for task in suite.unseen_tasks:
-        by_category.setdefault(task.category, []).append(task)
-    picked, round_ = [], 0
-    while len(picked) < num_tasks and any(len(v) > round_ for v in by_category.values()):
-        picked += [v[round_] for v in by_category.values() if len(v) > round_][: num_tasks - len(picked)]
-        round_ += 1
-    out = []
-    for task in picked:
-        examples = [synthetic.format_example(task, inst, num_pos=num_pos)
-                    for inst in task.instances(synthetic.TEST, instances, seed=seed)]
-        out.append(_task_texts("synthetic", task.name, examples))
-    return out
-
-
-# ------------------------------------------------------------------------------------------ settings
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """What one benchmark run measures (the command-line flags that matter to the measurement)."""
-    d_model: int = 256
-    layers: int = 4
-    heads: int = 4
-    d_kv: int = 64
-    d_ff: int = 1024
-    rank: int = 32
-    hyper_hidden: int = 512
-    hyper_embed: int = 128
-    fusion: str = "prepend"         # "prepend" | "none"
-    adapter: str = "merged"         # "merged" | "factorised"
-    mode: str = "score"             # "score" | "greedy"
-    decode_len: int = 128           # greedy steps
-    batch_size: int = 25
-    buckets_per_octave: int = 4     # lengths padded to one of this many lengths per power of two
-    xla_check: bool = True
-    seed: int = 0
-
-    def __post_init__(self):
-        for key, allowed in (("fusion", ("prepend", "none")), ("adapter", ("merged", "factorised")),
-                             ("mode", ("score", "greedy"))):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"--{key}: {getattr(self, key)!r} is not one of {allowed}")
-        for key in ("batch_size", "buckets_per_octave", "decode_len"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"--{key} must be >= 1, got {getattr(self, key)}")
-
-
-# ------------------------------------------------------------------------------------------ prepared inputs
-@dataclasses.dataclass
-class Batch:
-    size: int
-    enc: Any          # [b, Li] instance tokens (TAGI)
-    full: Any         # [b, Lf] instruction + instance tokens (concatenation)
-    dec_in: Any       # [b, T] (score mode; greedy: None)
-    dec_tgt: Any
-
-
-@dataclasses.dataclass
-class Prepared:
-    texts: TaskTexts
-    hyper: Any                 # [1, Lh]
-    batches: list[Batch]
-    instruction_bytes: int     # t (without EOS)
-    input_bytes: list[int]     # i per instance (without EOS)
-
-    @property
-    def num_instances(self) -> int:
-        return sum(b.size for b in self.batches)
-
-
-def _encode(vocab, text: str) -> list[int]:
-    return list(vocab.encode(text)) + [EOS]
-
-
-def prepare(texts: TaskTexts, vocab, s: Settings) -> Prepared:
-    """Tokenise and pad: each path to its own need, per batch, instances sorted by length within the task."""
-    hyper_ids = _encode(vocab, texts.instruction)
-    bucket = functools.partial(C.bucket_length, per_octave=s.buckets_per_octave, minimum=16)
-    hyper = jnp.asarray(C.pad_batch([hyper_ids], bucket(len(hyper_ids))))
-    enc_ids = [_encode(vocab, x) for x in texts.inputs]
-    full_ids = [_encode(vocab, x) for x in texts.full_inputs]
-    tgt_ids = [_encode(vocab, x) for x in texts.targets]
-    order = sorted(range(len(enc_ids)), key=lambda k: (len(enc_ids[k]), k))
-    batches = []
-    for start in range(0, len(order), s.batch_size):
-        idx = order[start: start + s.batch_size]
-        enc = [enc_ids[k] for k in idx]
-        full = [full_ids[k] for k in idx]
-        dec_in = dec_tgt = None
-        if s.mode == "score":
-            tgt = [tgt_ids[k] for k in idx]
-            tlen = C.bucket_length(max(map(len, tgt)), s.buckets_per_octave, minimum=8)
-            dec_tgt = jnp.asarray(C.pad_batch(tgt, tlen))
-            dec_in = jnp.asarray(C.pad_batch([[0] + t[:-1] for t in tgt], tlen))  # start token 0, shifted
-        batches.append(Batch(
-            len(idx),
-            jnp.asarray(C.pad_batch(enc, bucket(max(map(len, enc))))),
-            jnp.asarray(C.pad_batch(full, bucket(max(map(len, full))))),
-            dec_in, dec_tgt))
-    return Prepared(texts, hyper, batches, len(hyper_ids) - 1, [len(x) - 1 for x in enc_ids])
 
 
 # ------------------------------------------------------------------------------------------ the benchmark
@@ -216,13 +70,13 @@ def _broadcast_rows(states, mask, rows: int):
 
 def _score(model, params, adapters, enc, dec_in, dec_tgt, states, mask):
     states, mask = _broadcast_rows(states, mask, enc.shape[0])
-    return decoding.score_targets(model, params, enc, dec_in, dec_tgt, adapters=adapters,
+    return predict_lib.score_targets(model, params, enc, dec_in, dec_tgt, adapters=adapters,
                                   extra_encoder_states=states, extra_encoder_mask=mask).sum
 
 
 def _greedy(model, decode_len, params, adapters, enc, states, mask):
     states, mask = _broadcast_rows(states, mask, enc.shape[0])
-    tokens, _ = decoding.predict(model, params, enc, adapters=adapters, extra_encoder_states=states,
+    tokens, _ = predict_lib.predict(model, params, enc, adapters=adapters, extra_encoder_states=states,
                                  extra_encoder_mask=mask, max_decode_len=decode_len, eos_id=-1)
     return tokens  # eos_id=-1: never stops early, so both paths decode exactly decode_len tokens
 
@@ -232,7 +86,7 @@ class InferenceCost:
 
     def __init__(self, s: Settings):
         self.s = s
-        self.t5_config = C.small_t5_config(s.d_model, s.layers, s.heads, s.d_kv, s.d_ff)
+        self.t5_config = s.t5_config()
         self.hyper_config = HyperNetConfig(rank=s.rank, lora_alpha=float(s.rank), hidden_dim=s.hyper_hidden,
                                            embed_dim=s.hyper_embed, dropout_rate=0.0)
         self.config = tagi_lib.TAGIConfig(t5=self.t5_config, hypernet=self.hyper_config, fusion=s.fusion)
@@ -490,7 +344,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     s = C.settings_from_args(Settings, args, "inference_cost")
-    from tagi_jax.vocab import get_vocabulary
 
     C.print_run_header("bench/inference_cost.py", args)
     start = time.perf_counter()

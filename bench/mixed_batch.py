@@ -1,7 +1,7 @@
 """Throughput of greedy decoding a batch whose examples each carry their own adapter, vs one merged adapter.
 
 Four ways to run the same batch on the same T5 (random weights), timed side by side in one run (rotating
-order, compilation excluded, `block_until_ready`), all with `tagi_jax.decoding.predict` (encode once, then
+order, compilation excluded, `block_until_ready`), all with `tagi_jax.models.predict.predict` (encode once, then
 `--decode_len` cached greedy steps with EOS disabled, so every path decodes exactly as many tokens):
 
 * none:        the plain backbone (no adapter): the floor;
@@ -38,21 +38,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tagi_jax import decoding  # noqa: E402
 from tagi_jax.models import lora  # noqa: E402
+from tagi_jax.models import predict as predict_lib  # noqa: E402
 from tagi_jax.models.t5 import T5, init_params  # noqa: E402
 
 PATHS = ("none", "merged", "shared", "per-example")
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    d_model: int = 256
-    layers: int = 4
-    heads: int = 4
-    d_kv: int = 64
-    d_ff: int = 1024
-    rank: int = 32
+class Settings(C.ModelSettings):
     targets: str = ",".join(lora.DEFAULT_TARGETS)
     batch_size: int = 32
     input_len: int = 128
@@ -73,7 +67,7 @@ class Settings:
 
 
 def _greedy(model, decode_len, params, adapters, tokens):
-    out, _ = decoding.predict(model, params, tokens, adapters=adapters, max_decode_len=decode_len, eos_id=-1)
+    out, _ = predict_lib.predict(model, params, tokens, adapters=adapters, max_decode_len=decode_len, eos_id=-1)
     return out  # eos_id=-1: never stops early
 
 
@@ -128,7 +122,7 @@ class MixedBatch:
 
     def __init__(self, s: Settings):
         self.s = s
-        self.config = C.small_t5_config(s.d_model, s.layers, s.heads, s.d_kv, s.d_ff)
+        self.config = s.t5_config()
         self.model = T5(self.config)
         k_params, k_shared, k_each, k_tokens = jax.random.split(jax.random.PRNGKey(s.seed), 4)
         self.params = init_params(self.config, k_params)
@@ -317,7 +311,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     s = C.settings_from_args(Settings, args, "mixed_batch")
     C.print_run_header("bench/mixed_batch.py", args)
-    cfg = C.small_t5_config(s.d_model, s.layers, s.heads, s.d_kv, s.d_ff)
+    cfg = s.t5_config()
     print(f"model: {C.t5_description(cfg)} float32; LoRA rank "
           f"{s.rank} on {s.targets}")
     print(f"protocol: batch {s.batch_size}, input length {s.input_len}, {s.decode_len} greedy steps (EOS "

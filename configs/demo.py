@@ -6,11 +6,11 @@ seen tasks for each method (`summary.json`). About 13 minutes on 2 CPU cores.
 
     python launch/train.py --config=configs/demo.py --workdir=runs/demo [--config.key=value ...]
 """
-from tagi_jax import pipeline
+from tagi_jax.run.defaults import default_config
 
 
 def get_config():
-    c = pipeline.default_config()
+    c = default_config()
     c.seed = 0
 
     # A T5 v1.1 (gated GELU, untied head) of two encoder and two decoder layers; vocabulary: 1024 BPE pieces

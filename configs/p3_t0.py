@@ -9,7 +9,7 @@ Sizes: base | xl | xxl (the argument after ':'). The checkpoint (google/t5-<size
 of the same size to start from T0), `spiece.model`, the promptsource templates and the data are the user's:
 nothing is downloaded. Training data: `<train_data_dir>/<promptsource path>/train.jsonl` with Hugging Face field
 names for each of T0's 38 training datasets; held-out sets: `<eval_data_dir>/<dataset>/validation.jsonl`
-(tasks/p3.py, P3_EVAL_DATASETS, reads them in their original release fields).
+(tasks/p3/, reads them in their original release fields).
 
 Where the values come from:
 * TAGI paper: P3 with a T5-LM-adapt backbone, rank-classification accuracy on the 11 held-out datasets (RTE,
@@ -22,7 +22,7 @@ Where the values come from:
   checkpoint from step 1,100,000 to 1,112,200) for the multitask stages (concat = T0 itself, no_instruction,
   finetune, hint).
 * configs/sni_t5_lm.py (the TAGI paper's SNI values, reused here through
-  `pipeline.pretrained_backbone_config`, our choice): LoRA rank 32, λ1 = 5, λ2 = sigmoid(L_ins), KD temperature
+  `configs/common.py`, our choice): LoRA rank 32, λ1 = 5, λ2 = sigmoid(L_ins), KD temperature
   3, hypernetwork sizes, pretraining on C4.
 * Our choice: the instance-only and instruction lengths (1024, 256), one LoRA teacher per dataset (a dataset's
   templates are one task), 2,000 steps for the teachers and for hypernetwork pretraining, dropout 0.1 (the T5
@@ -32,8 +32,8 @@ Where the values come from:
   steps of ~1e-6; one optimizer for all stages keeps the baselines comparable.
 Batch sizes are global (all devices); set `mesh.model` > 1 to shard XXL over a model axis.
 """
-from tagi_jax import data, pipeline
-from tagi_jax.metrics import MTEST11
+from configs.common import pretrained_backbone_config
+from tasks.p3.datasets import MTEST11, T0_TRAIN_DATASETS
 
 _SIZES = {
     #        microbatches  mesh.model  hypernet hidden
@@ -48,12 +48,12 @@ def get_config(size: str = "base"):
     if size not in _SIZES:
         raise ValueError(f"configs/p3_t0.py: size {size!r} is not one of {sorted(_SIZES)}")
     micro, model_axis, hidden = _SIZES[size]
-    c = pipeline.pretrained_backbone_config(hypernet_hidden_dim=hidden, teachers_per="category")
+    c = pretrained_backbone_config(hypernet_hidden_dim=hidden, teachers_per="category")
     c.data.benchmark = "p3"
     c.data.lengths.update(dict(inputs=1024, hyper_inputs=256, full_inputs=1024, targets=256))
     c.data.p3.update(dict(
         templates_dir="", train_data_dir="", eval_data_dir="",  # required: see the module docstring
-        train_datasets=data.T0_TRAIN_DATASETS, eval_datasets=MTEST11,
+        train_datasets=T0_TRAIN_DATASETS, eval_datasets=MTEST11,
         train_original_task_only=False, eval_original_task_only=True,
         max_train_examples_per_task=0, mixing_cap=500_000))
 

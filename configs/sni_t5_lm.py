@@ -10,7 +10,7 @@ source length 1024, target length 128, AdamW with linear decay and 3% warmup, 3 
 instances per training task, LoRA rank 32, λ1 = 5, λ2 = sigmoid(L_ins), KD temperature 3 (original scripts).
 Batch sizes are global (all devices); set `mesh.model` > 1 to shard XXL over a model axis.
 """
-from tagi_jax import pipeline
+from configs.common import pretrained_backbone_config
 
 _SIZES = {
     #        lr      batch  microbatches  mesh.model  hypernet hidden
@@ -25,7 +25,7 @@ def get_config(size: str = "base"):
     if size not in _SIZES:
         raise ValueError(f"configs/sni_t5_lm.py: size {size!r} is not one of {sorted(_SIZES)}")
     lr, batch, micro, model_axis, hidden = _SIZES[size]
-    c = pipeline.pretrained_backbone_config(hypernet_hidden_dim=hidden, teachers_per="task")
+    c = pretrained_backbone_config(hypernet_hidden_dim=hidden, teachers_per="task")
     c.data.benchmark = "sni"
     c.data.setting = "def_pos2"
     c.data.lengths.update(dict(inputs=256, hyper_inputs=1024, full_inputs=1024, targets=128))

@@ -22,6 +22,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from tagi_jax.config import ConfigError, parse_flags_or_exit  # noqa: E402
+from tagi_jax.eval.runner import run_evaluation  # noqa: E402
+from tagi_jax.run.stages import check_method  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Optional configs/*.py file for the data/eval settings (default: WORKDIR/config.json).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline work directory (launch/train.py --workdir).")
@@ -48,15 +52,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # checkpoint-library chatter off unless asked for (-v 0)
-    from tagi_jax import evaluation
-    from tagi_jax.config import ConfigError
-
     methods = [m.strip() for m in _METHOD.value.split(",") if m.strip()]
     try:
         for method in methods:
-            evaluation.check_method(method)
+            check_method(method)
         for method in methods:
-            evaluation.run_evaluation(
+            run_evaluation(
                 _WORKDIR.value, method, _BENCHMARK.value, config=_CONFIG.value, tasks=_TASKS.value,
                 max_examples_per_task=_MAX_EXAMPLES.value, batch_size=_BATCH_SIZE.value,
                 beam_size=_BEAM_SIZE.value, max_decode_len=_MAX_DECODE_LEN.value, use_cache=_CACHE.value,
@@ -67,6 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from tagi_jax.config import parse_flags_or_exit
-
     app.run(main, flags_parser=parse_flags_or_exit)

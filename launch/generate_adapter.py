@@ -18,6 +18,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
 
+from tagi_jax.api import TAGIPredictor  # noqa: E402
+from tagi_jax.config import parse_flags_or_exit  # noqa: E402
+from tagi_jax.export import FusionNotExportable, check_fusion  # noqa: E402
+from tagi_jax.jsonl import iter_jsonl  # noqa: E402
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline work directory (launch/train.py --workdir).")
 _METHOD = flags.DEFINE_enum("method", "tagi", ["tagi", "hint"], "Which trained hypernetwork generates the adapter.")
 _INSTRUCTION = flags.DEFINE_string("instruction", None, "The task definition.")
@@ -34,8 +39,6 @@ flags.mark_flags_as_required(["workdir", "instruction", "out"])
 def read_examples(path: str) -> list:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--examples: file not found: {path}")
-    from tagi_jax.jsonl import iter_jsonl
-
     out = []
     for where, ex in iter_jsonl(path):
         if not isinstance(ex, dict) or "input" not in ex or "output" not in ex:
@@ -49,9 +52,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # checkpoint-library chatter off unless asked for (-v 0)
-    from tagi_jax.api import TAGIPredictor
-    from tagi_jax.export import FusionNotExportable, check_fusion
-
     try:
         examples = read_examples(_EXAMPLES.value) if _EXAMPLES.value else None
         predictor = TAGIPredictor.load(_WORKDIR.value, _METHOD.value)
@@ -66,6 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from tagi_jax.config import parse_flags_or_exit
-
     app.run(main, flags_parser=parse_flags_or_exit)

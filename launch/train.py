@@ -10,8 +10,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import time  # noqa: E402
+
+import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from tagi_jax.config import ConfigError, parse_flags_or_exit  # noqa: E402
+from tagi_jax.run import pipeline  # noqa: E402
+from tagi_jax.trainer.trainer import initialize_distributed  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (checkpoints, logs, summary).")
@@ -21,14 +28,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import time
-
-    from tagi_jax import pipeline
-    from tagi_jax.config import ConfigError
-    from tagi_jax.trainer import initialize_distributed
-
-    import jax
-
     # Persistent XLA cache: a re-run (or the next stage with an identical step) skips compilation.
     jax.config.update("jax_compilation_cache_dir",
                       os.environ.get("TAGI_JAX_CACHE", os.path.expanduser("~/.cache/tagi_jax/xla")))
@@ -46,6 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from tagi_jax.config import parse_flags_or_exit
-
     app.run(main, flags_parser=parse_flags_or_exit)

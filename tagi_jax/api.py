@@ -11,7 +11,7 @@ adapter once, then predict or score as many inputs as you like with it; save/loa
     p.save_adapter("sort_adapter", adapter)                 # PEFT directory (adapter_config.json + safetensors)
     adapter = p.load_adapter("sort_adapter")
 
-Text is formatted exactly as in training (Tk-Instruct, `tasks.sni.tk_instruct_texts`): the instruction becomes
+Text is formatted exactly as in training (Tk-Instruct, `tasks.formatting.tk_instruct_texts`): the instruction becomes
 "Definition: ...\\n\\n" plus " Positive Example k -\\n..." blocks, and each input becomes "Now complete the
 following example -\\nInput: ...\\nOutput: " (pass `raw=True` / `format_inputs=False` for pre-formatted text).
 Baselines load the same way: "concat" reads the instruction with every input (the `TaskAdapter` then only
@@ -25,9 +25,16 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from tagi_jax import evaluation
+from tagi_jax import export
 from tagi_jax import features as F
+from tagi_jax.data.batches import task_lengths
+from tagi_jax.eval.adapters import AdapterCache, AdapterTable, generate_task_adapters
+from tagi_jax.eval.decode import decode_tokens, detokenize, score_tokens, shift_right, tokenize
 from tagi_jax.models import lora
+from tagi_jax.run.stages import check_method
+from tagi_jax.run.workdir import load_trained
+from tagi_jax.vocab import get_vocabulary
+from tasks.formatting import tk_instruct_texts
 
 
 @dataclasses.dataclass
@@ -45,7 +52,7 @@ class TaskAdapter:
         """A one-row adapter table (what the compiled decoding functions take)."""
         if self.adapters is None:
             return None
-        table = evaluation.AdapterTable(
+        table = AdapterTable(
             adapters={t: {"A": np.asarray(e["A"])[None], "B": np.asarray(e["B"])[None],
                           "scale": np.float32(np.asarray(e.get("scale", 1.0)))} for t, e in self.adapters.items()},
             states=None if self.states is None else np.asarray(self.states)[None],
@@ -56,17 +63,13 @@ class TaskAdapter:
 
 def format_instruction(definition: str, examples: Sequence[Mapping[str, str]] | None = None) -> str:
     """Tk-Instruct instruction text (what the hypernetwork reads): definition + positive examples."""
-    from tasks import sni
-
     task = {"Definition": [definition], "Positive Examples": list(examples or [])}
-    return sni.tk_instruct_texts(task, "", num_pos=len(task["Positive Examples"]), num_neg=0)[F.HYPER_INPUTS]
+    return tk_instruct_texts(task, "", num_pos=len(task["Positive Examples"]), num_neg=0)[F.HYPER_INPUTS]
 
 
 def format_input(instance_input: str) -> str:
     """Tk-Instruct instance text (what the model with the generated adapter reads)."""
-    from tasks import sni
-
-    return sni.tk_instruct_texts({"Definition": [""]}, instance_input, num_pos=0, num_neg=0,
+    return tk_instruct_texts({"Definition": [""]}, instance_input, num_pos=0, num_neg=0,
                                  add_task_definition=False)[F.INPUTS]
 
 
@@ -84,17 +87,18 @@ class TAGIPredictor:
 
     def __init__(self, config, model, params, method: str, vocab, lengths: Mapping[str, int], *,
                  batch_size: int = 32, max_decode_len: int = 128, workdir: str | None = None,
-                 cache: evaluation.AdapterCache | None = None):
+                 cache: AdapterCache | None = None):
         self.config = config
         self.model = model
         self.params = params
-        self.method = evaluation.check_method(method)
+        check_method(method)
+        self.method = method
         self.vocab = vocab
         self.lengths = {k: int(v) for k, v in lengths.items()}
         self.batch_size = int(batch_size)
         self.max_decode_len = int(max_decode_len)
         self.workdir = workdir
-        self.cache = cache if cache is not None else evaluation.AdapterCache()
+        self.cache = cache if cache is not None else AdapterCache()
         self.adapter: TaskAdapter | None = None  # the last generated or loaded adapter
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -104,23 +108,19 @@ class TAGIPredictor:
 
         `cache_dir` (default `<workdir>/adapter_cache`; "" for memory only) keeps generated adapters on disk.
         """
-        from tagi_jax import data as data_lib
-        from tagi_jax import pipeline
-        from tagi_jax.vocab import get_vocabulary
-
-        evaluation.check_method(method)
+        check_method(method)
         if not os.path.isdir(workdir):
             raise FileNotFoundError(f"{workdir}: work directory not found")
-        config, model, params = pipeline.load_trained(workdir, method)
+        config, model, params = load_trained(workdir, method)
         vocab = get_vocabulary(config.data.vocabulary, workdir)
         cache_dir = os.path.join(workdir, "adapter_cache") if cache_dir is None else cache_dir
-        return cls(config, model, params, method, vocab, data_lib.task_lengths(config.data),
+        return cls(config, model, params, method, vocab, task_lengths(config.data),
                    batch_size=int(config.eval.batch_size), max_decode_len=int(config.eval.max_decode_len),
-                   workdir=workdir, cache=evaluation.AdapterCache(cache_dir or None))
+                   workdir=workdir, cache=AdapterCache(cache_dir or None))
 
     @property
     def uses_adapters(self) -> bool:
-        return self.method in evaluation.ADAPTER_METHODS
+        return check_method(self.method).generates_adapters
 
     @property
     def fusion(self) -> str:
@@ -144,7 +144,7 @@ class TAGIPredictor:
         if not self.uses_adapters:
             self.adapter = TaskAdapter(text, source=f"instruction for method {self.method!r} (no adapter)")
             return self.adapter
-        table = evaluation.generate_task_adapters(self.model, self.params, [text], self.vocab,
+        table = generate_task_adapters(self.model, self.params, [text], self.vocab,
                                                   self.lengths[F.HYPER_INPUTS], 1, self.cache)
         adapters = table.adapter(text)
         states = mask = None
@@ -159,8 +159,6 @@ class TAGIPredictor:
 
         A fusion model's adapter cannot be represented by PEFT: this raises unless `allow_fusion_loss` (the
         encoded instruction is then saved beside it, so `load_adapter` here restores it exactly)."""
-        from tagi_jax import export
-
         adapter = self._adapter(adapter, "save_adapter")
         base = base_model_name_or_path
         if base is None and self.config is not None:
@@ -176,8 +174,6 @@ class TAGIPredictor:
     def load_adapter(self, path: str) -> TaskAdapter:
         """A PEFT LoRA directory (from `save_adapter` or `launch/generate_adapter.py`) as a `TaskAdapter`;
         its rank, targets and shapes must match this model's hypernetwork. Becomes the default adapter."""
-        from tagi_jax import export
-
         if not self.uses_adapters:
             raise ValueError(f"load_adapter: method {self.method!r} does not use generated adapters")
         cfg = self.model.config
@@ -239,9 +235,9 @@ class TAGIPredictor:
     def _prepare(self, inputs, adapter, format_inputs, what):
         if self.method != "no_instruction" or adapter is not None:
             adapter = self._adapter(adapter, what)
-        key = evaluation.METHOD_INPUT[self.method]
+        key = check_method(self.method).encoder_input
         texts = self._encoder_texts(inputs, adapter, format_inputs)
-        enc, _ = evaluation.tokenize(self.vocab, texts, self.lengths[key])
+        enc, _ = tokenize(self.vocab, texts, self.lengths[key])
         tree = adapter.table_tree() if self.uses_adapters else None
         return enc, tree
 
@@ -251,10 +247,10 @@ class TAGIPredictor:
         if not inputs:
             return []
         enc, tree = self._prepare(inputs, adapter, format_inputs, "predict")
-        tokens, _, _ = evaluation.decode_tokens(
+        tokens, _, _ = decode_tokens(
             self.model, self.params, tree, None, enc, vocab=self.vocab, batch_size=self.batch_size,
             max_decode_len=max_decode_len or self.max_decode_len, beam_size=beam_size)
-        return evaluation.detokenize(self.vocab, tokens)
+        return detokenize(self.vocab, tokens)
 
     def score(self, inputs: Sequence[str], choices: Sequence[Sequence[str]], adapter: TaskAdapter | None = None,
               *, format_inputs: bool = True, length_normalize: bool = True) -> list[list[float]]:
@@ -270,15 +266,12 @@ class TAGIPredictor:
         enc, tree = self._prepare(inputs, adapter, format_inputs, "score")
         owner = np.asarray([i for i, c in enumerate(choices) for _ in c], np.int32)
         flat = [str(x) for c in choices for x in c]
-        targets, _ = evaluation.tokenize(self.vocab, flat, self.lengths[F.TARGETS])
-        dec = evaluation.shift_right(targets, int(self.model.config.t5.decoder_start_token_id))
-        total, mean, _, _ = evaluation.score_tokens(self.model, self.params, tree, None, enc[owner], dec, targets,
+        targets, _ = tokenize(self.vocab, flat, self.lengths[F.TARGETS])
+        dec = shift_right(targets, int(self.model.config.t5.decoder_start_token_id))
+        total, mean, _, _ = score_tokens(self.model, self.params, tree, None, enc[owner], dec, targets,
                                                     batch_size=self.batch_size)
         values = mean if length_normalize else total
         out: list[list[float]] = [[] for _ in inputs]
         for i, v in zip(owner.tolist(), values.tolist()):
             out[i].append(float(v))
         return out
-
-
-__all__ = ["TAGIPredictor", "TaskAdapter", "format_input", "format_instruction"]

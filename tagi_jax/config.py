@@ -11,8 +11,10 @@ import ast
 import importlib.util
 import os
 import re
+import sys
 from typing import Any, Iterable, Mapping, Sequence
 
+from absl import flags
 from ml_collections import config_dict
 
 ConfigDict = config_dict.ConfigDict
@@ -238,58 +240,9 @@ def rename_sections(message: str, section_names: Mapping[str, str] | None) -> st
     return re.sub(pattern, lambda m: section_names[m.group(1)], message)
 
 
-def validate_trainer_config(
-    config: ConfigDict, data_parallel_size: int | None = None, section_names: Mapping[str, str] | None = None
-) -> None:
-    """Check the `train`, `optimizer` and `mesh` sections (shape documented in `tagi_jax/trainer.py`).
-
-    `data_parallel_size` is the mesh's `data` axis size when known (the Trainer passes it); without it
-    `mesh.data` is used when positive. `section_names` renames sections in error messages (see
-    `rename_sections`).
-    """
-    try:
-        _validate_trainer_config(config, data_parallel_size)
-    except ConfigError as e:
-        raise ConfigError(rename_sections(str(e), section_names)) from None
-
-
-def _validate_trainer_config(config: ConfigDict, data_parallel_size: int | None) -> None:
-    from tagi_jax import optim  # local import: optim uses ConfigError from this module
-
-    steps = require_int(config, "train.steps", 1)
-    batch_size = require_int(config, "train.batch_size", 1)
-    micro = require_int(config, "train.num_microbatches", 1)
-    require_int(config, "train.log_every", 1)
-    require_int(config, "train.checkpoint_every", 0)
-    require_int(config, "train.keep_checkpoints", 0)
-    require_int(config, "train.eval_every", 0)
-    if batch_size % micro:
-        raise ConfigError(
-            f"config key 'train.num_microbatches'={micro} does not divide 'train.batch_size'={batch_size}"
-        )
-    if data_parallel_size is None:
-        data = get_key(config, "mesh.data", -1)
-        data_parallel_size = data if isinstance(data, int) and data > 0 else None
-    if data_parallel_size is not None and (batch_size // micro) % data_parallel_size:
-        raise ConfigError(
-            f"config key 'train.batch_size'={batch_size}: the microbatch of {batch_size // micro} examples "
-            f"(batch_size / train.num_microbatches={micro}) is not divisible by the mesh's data axis "
-            f"(mesh.data={data_parallel_size})"
-        )
-    for key in ("mesh.data", "mesh.model"):
-        value = require_int(config, key, -1)
-        if value == 0:
-            raise ConfigError(f"config key '{key}' must be -1 (all remaining devices) or > 0, got 0")
-    optim.validate_config(get_key(config, "optimizer"), total_steps=steps, prefix="optimizer")
-
-
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
     """absl `flags_parser` for the launchers: a bad `--config.key=value` (unknown key, wrong type) ends the
     program with one line naming the key, instead of a traceback from inside `config_flags`."""
-    import sys
-
-    from absl import flags
-
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - any parse failure ends the program with one line

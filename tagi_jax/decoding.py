@@ -1,34 +1,17 @@
-"""Incremental decoding: greedy and beam search over a key/value cache, plus T5 predict/score helpers.
-
-The search functions are model-agnostic (T5X's ``t5x/decoding.py`` design): they drive a
+"""Model-agnostic incremental decoding (T5X's ``t5x/decoding.py`` design): greedy and beam search driving a
 ``tokens_to_logits(state: DecodingState) -> (logits [batch, vocab], new_cache)`` callback inside a
-``jax.lax.while_loop``, so they compile once for a given ``max_decode_len`` and beam size.
-
-Per-example inputs that every step needs but that never change during decoding -- the encoder output and
-tokens, the decoder's instruction-fusion states and mask, and the generated LoRA adapters -- travel in
-``DecodingState.extras``. They are computed once before the loop and, for beam search, repeated per beam once
-(`expand_to_beams`; adapters with `lora.expand_batch`). Reordering beams never touches them: all beams of
-one example share the same extras, so only the cache is gathered per step. Encoder-side fusion states are
-read once, by the encoder pass before the loop, and are not extras.
+``jax.lax.while_loop``, so each compiles once for a given ``max_decode_len`` and beam size.
 
 Layout convention (as T5X): a flat batch of ``batch * beams`` rows is example-major, i.e. rows
 ``i*beams .. i*beams+beams-1`` are the beams of example ``i`` (what ``jnp.repeat(x, beams, axis=0)`` gives).
-
-``predict`` and ``score_targets`` are pure functions of (model, params, arrays); jit them at the call site::
-
-    predict_fn = jax.jit(functools.partial(predict, model),
-                         static_argnames=("max_decode_len", "beam_size", "length_penalty_style"))
-    tokens, scores = predict_fn(params, batch["encoder_input_tokens"], adapters=adapters, max_decode_len=128)
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
-
-from tagi_jax.models import lora
 
 PyTree = Any
 
@@ -47,6 +30,11 @@ class DecodingState:
     cur_token: [rows, 1] the token to feed now.
     cache: the model's autoregressive cache (e.g. flax's "cache" collection).
     extras: per-example inputs that follow each row unchanged (encoder output, adapters, ...).
+
+    Extras are the inputs every step needs but that never change during decoding (the encoder output, the
+    decoder's fusion states, the generated adapters): computed once before the loop and, for beam search,
+    repeated per beam once. Reordering beams never touches them: all beams of one example share the same
+    extras, so only the cache is gathered per step.
     """
 
     cur_index: jax.Array
@@ -307,164 +295,3 @@ def beam_search(
     seqs = jnp.where(any_finished[:, None, None], final.finished_seqs, final.live_seqs)
     scores = jnp.where(any_finished[:, None], final.finished_scores, final.live_log_probs)
     return seqs[:, :, 1:], scores
-
-
-# ----------------------------------------------------------------------------------------------------------
-# T5 helpers: predict (generation) and score_targets (teacher-forced log-likelihood).
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _expand_model_extras(extras: PyTree, beam_size: int) -> PyTree:
-    """Per-beam copies of the T5 decoding extras; adapters may hold shared factors, so lora.expand_batch."""
-    extras = dict(extras)
-    adapters = extras.pop("adapters")
-    out = expand_to_beams(extras, beam_size)
-    out["adapters"] = lora.split_layers(lora.expand_batch(adapters, beam_size))
-    return out
-
-
-def init_decode_cache(model, params, encoded, encoder_input_tokens, *, max_decode_len: int, adapters=None,
-                      extra_encoder_states=None, extra_encoder_mask=None) -> PyTree:
-    """The T5 "cache" collection for `max_decode_len` steps (T5X style: one decode=True call at full length).
-
-    The call's logits are discarded (and removed by XLA under jit); only the zero-initialised cache is kept.
-    `model` is a `tagi_jax.models.t5.T5` (or any module with its `encode`/`decode` API).
-    """
-    batch_size = encoder_input_tokens.shape[0]
-    dummy = jnp.ones((batch_size, max_decode_len), jnp.int32)
-    _, variables = model.apply(
-        {"params": params}, encoded, encoder_input_tokens, dummy, dummy, adapters=adapters,
-        extra_encoder_states=extra_encoder_states, extra_encoder_mask=extra_encoder_mask,
-        enable_dropout=False, decode=True, max_decode_length=max_decode_len, mutable=["cache"], method="decode")
-    return variables["cache"]
-
-
-def t5_tokens_to_logits(model, params, max_decode_len: int) -> TokensToLogits:
-    """The per-step callback for T5: one decoder token per row, extras from the decoding state."""
-
-    def tokens_to_logits(state: DecodingState) -> tuple[jax.Array, PyTree]:
-        ex = state.extras
-        logits, variables = model.apply(
-            {"params": params, "cache": state.cache}, ex["encoded"], ex["encoder_input_tokens"],
-            state.cur_token, state.cur_token, adapters=ex["adapters"],
-            extra_encoder_states=ex["extra_encoder_states"], extra_encoder_mask=ex["extra_encoder_mask"],
-            enable_dropout=False, decode=True, max_decode_length=max_decode_len, mutable=["cache"],
-            method="decode")
-        return logits[:, -1, :], variables["cache"]
-
-    return tokens_to_logits
-
-
-def predict(
-    model,
-    params: PyTree,
-    encoder_input_tokens: jax.Array,
-    *,
-    adapters: PyTree = None,
-    extra_encoder_states: jax.Array | None = None,
-    extra_encoder_mask: jax.Array | None = None,
-    encoder_fusion_states: jax.Array | None = None,
-    encoder_fusion_mask: jax.Array | None = None,
-    max_decode_len: int,
-    beam_size: int = 1,
-    alpha: float = 0.6,
-    eos_id: int = 1,
-    decoder_start_token_id: int = 0,
-    length_penalty_style: str = "t5x",
-) -> tuple[jax.Array, jax.Array]:
-    """Generate with a T5: encode once, then greedy (beam_size=1) or beam search with a key/value cache.
-
-    `adapters` (tagi_jax.models.lora pytree, per-example or shared) apply to the encoder and the decoder;
-    `extra_encoder_states` [batch, n, d_model] (+ mask [batch, n]) are the instruction-fusion states the
-    decoder also attends to ("prepend" fusion); `encoder_fusion_states` (+ mask) those every encoder layer
-    attends to ("encoder_cross_attention" fusion), used once by the encoder pass. Returns
-    ``(tokens [batch, max_decode_len], scores [batch])``: the best sequence per example (tokens after EOS
-    are 0) and its score (greedy: summed log-prob; beam: `beam_search` score).
-    Pure; jit it with static `max_decode_len`, `beam_size` and `length_penalty_style` (module docstring).
-    """
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if max_decode_len < 1:
-        raise ValueError(f"max_decode_len must be >= 1, got {max_decode_len}")
-    batch_size = encoder_input_tokens.shape[0]
-    encoded = model.apply({"params": params}, encoder_input_tokens, adapters=adapters,
-                          encoder_fusion_states=encoder_fusion_states, encoder_fusion_mask=encoder_fusion_mask,
-                          enable_dropout=False, method="encode")
-    cache = init_decode_cache(model, params, encoded, encoder_input_tokens, max_decode_len=max_decode_len,
-                              adapters=adapters, extra_encoder_states=extra_encoder_states,
-                              extra_encoder_mask=extra_encoder_mask)
-    extras = {
-        "encoded": encoded,
-        "encoder_input_tokens": encoder_input_tokens,
-        "adapters": adapters,
-        "extra_encoder_states": extra_encoder_states,
-        "extra_encoder_mask": extra_encoder_mask,
-    }
-    tokens_to_logits = t5_tokens_to_logits(model, params, max_decode_len)
-    if beam_size == 1:
-        extras["adapters"] = lora.split_layers(adapters)  # once, outside the loop (see lora.split_layers)
-        return greedy_search(tokens_to_logits, cache, batch_size=batch_size, max_decode_len=max_decode_len,
-                             eos_id=eos_id, extras=extras, start_token_id=decoder_start_token_id)
-    tokens, scores = beam_search(
-        tokens_to_logits, cache, batch_size=batch_size, beam_size=beam_size, max_decode_len=max_decode_len,
-        eos_id=eos_id, alpha=alpha, extras=extras, expand_extras=_expand_model_extras,
-        start_token_id=decoder_start_token_id, length_penalty_style=length_penalty_style)
-    return tokens[:, 0], scores[:, 0]
-
-
-class TargetScores(NamedTuple):
-    """Per-example teacher-forced log-likelihood of the targets (padding excluded)."""
-
-    sum: jax.Array  # [batch] summed token log-probs
-    mean: jax.Array  # [batch] sum / num_tokens (0 where there are no target tokens)
-    num_tokens: jax.Array  # [batch] number (or total weight) of scored target tokens
-
-
-def score_targets(
-    model,
-    params: PyTree,
-    encoder_input_tokens: jax.Array,
-    decoder_input_tokens: jax.Array,
-    decoder_target_tokens: jax.Array,
-    *,
-    decoder_loss_weights: jax.Array | None = None,
-    adapters: PyTree = None,
-    extra_encoder_states: jax.Array | None = None,
-    extra_encoder_mask: jax.Array | None = None,
-    encoder_fusion_states: jax.Array | None = None,
-    encoder_fusion_mask: jax.Array | None = None,
-) -> TargetScores:
-    """log p(targets | inputs) per example, for rank classification (pick the option with the best score).
-
-    Teacher-forced; a target position counts with weight `decoder_loss_weights` (default: target != 0).
-    """
-    logits = model.apply({"params": params}, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
-                         enable_dropout=False, adapters=adapters, extra_encoder_states=extra_encoder_states,
-                         extra_encoder_mask=extra_encoder_mask, encoder_fusion_states=encoder_fusion_states,
-                         encoder_fusion_mask=encoder_fusion_mask)
-    log_softmax = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_log_probs = jnp.take_along_axis(log_softmax, decoder_target_tokens[..., None].astype(jnp.int32),
-                                          axis=-1)[..., 0]
-    if decoder_loss_weights is None:
-        weights = (decoder_target_tokens != 0).astype(jnp.float32)
-    else:
-        weights = decoder_loss_weights.astype(jnp.float32)
-    total = jnp.sum(token_log_probs * weights, axis=-1)
-    count = jnp.sum(weights, axis=-1)
-    return TargetScores(sum=total, mean=jnp.where(count > 0, total / jnp.maximum(count, 1e-9), 0.0),
-                        num_tokens=count)
-
-
-__all__ = [
-    "DecodingState",
-    "NEG_INF",
-    "TargetScores",
-    "beam_search",
-    "brevity_penalty",
-    "expand_to_beams",
-    "greedy_search",
-    "init_decode_cache",
-    "predict",
-    "score_targets",
-    "t5_tokens_to_logits",
-]

@@ -1,20 +1,4 @@
-"""Generated adapters as PEFT LoRA directories, usable on the Hugging Face T5 the backbone came from.
-
-A TAGI adapter is one LoRA per (target, layer): ``W + scale·A·B`` with ``A [d_in, r]``, ``B [r, d_out]``
-(`tagi_jax.models.lora`). PEFT stores the same update for an ``nn.Linear(d_in, d_out)`` as
-``lora_A.weight [r, d_in]`` and ``lora_B.weight [d_out, r]`` and multiplies by ``lora_alpha / r``, so
-
-    lora_A.weight = Aᵀ,   lora_B.weight = Bᵀ,   lora_alpha = scale · r,
-
-under the key ``base_model.model.<HF module>.lora_{A,B}.weight`` (``tagi_jax.hf.hf_module_name``; peft
-0.21.2's `save_pretrained` format). `adapter_config.json` lists the exact HF modules as `target_modules`,
-so PEFT wraps those and nothing else.
-
-Instruction fusion (the decoder, with fusion "prepend", or every encoder layer, with fusion
-"encoder_cross_attention", also cross-attending to the encoded instruction) is not a weight update and cannot
-be carried by a PEFT adapter: exporting from a fusion model raises `FusionNotExportable` unless
-``allow_fusion_loss=True`` (then it warns loudly: the exported model will not behave like TAGI). A model
-without fusion exports exactly.
+"""Generated adapters as PEFT LoRA directories, usable on the Hugging Face T5 the backbone came from, and back.
 
 A `tagi_adapter.json` beside the PEFT files records where the adapter came from (instruction, checkpoint
 fingerprint, fusion) for humans; PEFT ignores it.
@@ -29,7 +13,9 @@ import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
+from tagi_jax.hf import hf_module_name
 from tagi_jax.models import lora
 
 CONFIG_FILE = "adapter_config.json"
@@ -53,12 +39,6 @@ class AdapterFormatError(ValueError):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _hf_module_name(target: str, layer: int) -> str:
-    from tagi_jax.hf import hf_module_name
-
-    return hf_module_name(target, layer)
-
-
 def _module_index(config, targets: Sequence[str] | None = None) -> dict[str, tuple[str, int]]:
     """{HF module name: (target, layer)} for every possible target of a T5 with `config` (or `targets`)."""
     if targets is None:
@@ -69,7 +49,7 @@ def _module_index(config, targets: Sequence[str] | None = None) -> dict[str, tup
     for target in targets:
         layers = lora.adapter_dims(config, target)[0]
         for layer in range(layers):
-            out[_hf_module_name(target, layer)] = (target, layer)
+            out[hf_module_name(target, layer)] = (target, layer)
     return out
 
 
@@ -98,7 +78,18 @@ def _alpha_value(scale: float, rank: int) -> float | int:
 
 def to_peft_state_dict(adapters: lora.Adapters, config) -> tuple[dict[str, np.ndarray], int, float]:
     """({PEFT key: array}, rank, scale) for one adapter (factors [layers, ...] or batch 1), validated against
-    the T5 `config`; float32 arrays."""
+    the T5 `config`; float32 arrays.
+
+    A TAGI adapter is one LoRA per (target, layer): ``W + scale·A·B`` with ``A [d_in, r]``, ``B [r, d_out]``
+    (`tagi_jax.models.lora`). PEFT stores the same update for an ``nn.Linear(d_in, d_out)`` as
+    ``lora_A.weight [r, d_in]`` and ``lora_B.weight [d_out, r]`` and multiplies by ``lora_alpha / r``, so
+
+        lora_A.weight = Aᵀ,   lora_B.weight = Bᵀ,   lora_alpha = scale · r,
+
+    under the key ``base_model.model.<HF module>.lora_{A,B}.weight`` (``tagi_jax.hf.hf_module_name``; peft
+    0.21.2's `save_pretrained` format). `adapter_config.json` lists the exact HF modules as `target_modules`,
+    so PEFT wraps those and nothing else.
+    """
     lora.check_adapters(config, adapters)
     if not adapters:
         raise AdapterFormatError("adapters: empty (nothing to export)")
@@ -108,7 +99,7 @@ def to_peft_state_dict(adapters: lora.Adapters, config) -> tuple[dict[str, np.nd
         ranks[target] = a.shape[-1]
         scales[target] = float(np.asarray(entry.get("scale", 1.0)))
         for layer in range(a.shape[0]):
-            module = _hf_module_name(target, layer)
+            module = hf_module_name(target, layer)
             tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a[layer].T)
             tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b[layer].T)
     if len(set(ranks.values())) != 1:
@@ -123,7 +114,12 @@ _FUSION_READERS = {"prepend": "the decoder", "encoder_cross_attention": "every e
 
 def check_fusion(uses_fusion: bool, allow_fusion_loss: bool = False, fusion: str | None = None) -> None:
     """Raise `FusionNotExportable` for a fusion model (or only warn when `allow_fusion_loss`); `fusion`, the
-    model's fusion kind, only makes the message precise."""
+    model's fusion kind, only makes the message precise.
+
+    Instruction fusion (the decoder, with fusion "prepend", or every encoder layer, with fusion
+    "encoder_cross_attention", also cross-attending to the encoded instruction) is not a weight update and
+    cannot be carried by a PEFT adapter; a model without fusion exports exactly.
+    """
     if not uses_fusion:
         return
     reader = _FUSION_READERS.get(fusion, "the decoder or the encoder")
@@ -165,8 +161,6 @@ def export_peft_adapter(
         beside the PEFT files (tagi_jax reloads them with `load_instruction_states`; PEFT cannot use them).
     """
     check_fusion(uses_fusion, allow_fusion_loss, fusion)
-    from safetensors.numpy import save_file
-
     tensors, rank, scale = to_peft_state_dict(adapters, config)
     modules = sorted({_KEY_RE.match(k).group("module") for k in tensors})
     peft_config = {
@@ -259,8 +253,6 @@ def load_peft_adapter(
     alpha = float(peft_config.get("lora_alpha", 8))
     scale = alpha / math.sqrt(file_rank) if peft_config.get("use_rslora") else alpha / file_rank
 
-    from safetensors.numpy import load_file
-
     tensors = load_file(weights_path)
     modules = _module_index(config)
     found: dict[str, dict[int, dict[str, np.ndarray]]] = {}
@@ -286,11 +278,11 @@ def load_peft_adapter(
         num_layers, d_in, d_out = lora.adapter_dims(config, target)
         missing = [l for l in range(num_layers) if l not in layers or len(layers[l]) != 2]
         if missing:
-            raise AdapterFormatError(f"{weights_path}: target {target!r} ({_hf_module_name(target, missing[0])}) "
+            raise AdapterFormatError(f"{weights_path}: target {target!r} ({hf_module_name(target, missing[0])}) "
                                      f"lacks lora_A/lora_B for layer(s) {missing}")
         a_list, b_list = [], []
         for layer in range(num_layers):
-            module = _hf_module_name(target, layer)
+            module = hf_module_name(target, layer)
             a_t, b_t = layers[layer]["A"], layers[layer]["B"]
             if a_t.shape != (file_rank, d_in):
                 raise AdapterFormatError(f"{weights_path}: {KEY_PREFIX}{module}.lora_A.weight has shape "
@@ -309,8 +301,6 @@ def load_instruction_states(directory: str) -> tuple[np.ndarray, np.ndarray] | N
     path = os.path.join(directory, STATES_FILE)
     if not os.path.isfile(path):
         return None
-    from safetensors.numpy import load_file
-
     data = load_file(path)
     if set(data) != {"states", "mask"} or data["states"].ndim != 2 or data["mask"].shape != data["states"].shape[:1]:
         raise AdapterFormatError(f"{path}: expected 'states' [n, d_model] and 'mask' [n]")
@@ -324,15 +314,3 @@ def read_tagi_info(directory: str) -> dict:
         return {}
     with open(path) as f:
         return json.load(f)
-
-
-__all__ = [
-    "AdapterFormatError",
-    "FusionNotExportable",
-    "check_fusion",
-    "export_peft_adapter",
-    "load_instruction_states",
-    "load_peft_adapter",
-    "read_tagi_info",
-    "to_peft_state_dict",
-]

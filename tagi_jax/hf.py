@@ -18,9 +18,17 @@ import json
 import os
 from typing import Any, Callable, Mapping, Optional
 
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from tagi_jax.models import lora
+from tagi_jax.models.t5 import T5, is_encoder_fusion_param
 from tagi_jax.models.t5_config import T5Config
 
 CONFIG_FILE = "config.json"
@@ -101,12 +109,6 @@ def hf_name_map(config: T5Config) -> dict[PathTuple, tuple[str, bool]]:
 
 def param_shapes(config: T5Config) -> dict[PathTuple, tuple[int, ...]]:
     """Shapes of every parameter of `T5(config)` (abstract init: nothing is allocated)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import traverse_util
-    from tagi_jax.models.t5 import T5
-    import flax.linen as nn
-
     dummy = jnp.ones((1, 1), jnp.int32)
     abstract = jax.eval_shape(lambda: nn.meta.unbox(T5(config).init(jax.random.PRNGKey(0), dummy, dummy, dummy)))
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract["params"]).items()}
@@ -222,8 +224,6 @@ class _TensorSource:
 
 
 def _read_safetensors(path: str) -> Mapping[str, Any]:
-    from safetensors import safe_open
-
     class _Lazy(dict):
         def __missing__(self, name):
             with safe_open(path, framework="np") as f:
@@ -233,8 +233,6 @@ def _read_safetensors(path: str) -> Mapping[str, Any]:
 
 
 def _safetensors_keys(path: str) -> list[str]:
-    from safetensors import safe_open
-
     with safe_open(path, framework="np") as f:
         return list(f.keys())
 
@@ -350,8 +348,6 @@ def load_t5(path: str, dtype: Optional[str] = None, *, param_dtype: str = "float
         raise ValueError(f"{path}: unexpected tensors for a {config.feed_forward_proj} T5 with "
                          f"{config.num_encoder_layers}+{config.num_decoder_layers} layers: {unexpected[:5]}"
                          f"{' ...' if len(unexpected) > 5 else ''}")
-    from flax import traverse_util
-
     return config, traverse_util.unflatten_dict(flat)
 
 
@@ -368,11 +364,6 @@ def _np_dtype(name: str):
 def to_hf_state_dict(config: T5Config, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """{HF name: numpy array} for `params` of `T5(config)` (the inverse of `load_t5`'s mapping). Trees with
     encoder-fusion blocks are refused: HF has no place for them."""
-    from flax import traverse_util
-    import flax
-
-    from tagi_jax.models.t5 import is_encoder_fusion_param
-
     flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
     fused = sorted(path for path in flat if is_encoder_fusion_param(path))
     if fused:  # silently dropping them would export a model that computes something else
@@ -391,22 +382,8 @@ def to_hf_state_dict(config: T5Config, params: Mapping[str, Any]) -> dict[str, n
 
 def save_t5_hf(path: str, config: T5Config, params: Mapping[str, Any]) -> str:
     """Write `config.json` + `model.safetensors` that `T5ForConditionalGeneration.from_pretrained` loads."""
-    from safetensors.numpy import save_file
-
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump(config_to_hf(config), f, indent=2, sort_keys=True)
     save_file(to_hf_state_dict(config, params), os.path.join(path, SAFETENSORS_FILE), metadata={"format": "pt"})
     return path
-
-
-__all__ = [
-    "config_from_hf",
-    "config_to_hf",
-    "hf_module_name",
-    "hf_name_map",
-    "load_t5",
-    "param_shapes",
-    "save_t5_hf",
-    "to_hf_state_dict",
-]

@@ -167,6 +167,25 @@ def adapter_alignment(generated: Adapters, teacher: Adapters, mode: str = "delta
     return total
 
 
+def alignment_loss(generated: Adapters, teacher: Adapters, mode: str = "delta", reduction: str = "mean") -> jax.Array:
+    """L_ins with a reduction (`loss.alignment_reduction`): "sum" is `adapter_alignment` itself; "mean" divides
+    each target's squared distance by its layers·d_in·d_out (a per-element MSE) before summing over targets.
+    Factor-wise MSE (mode="factor") is a mean already."""
+    if reduction == "sum" or mode == "factor":
+        return adapter_alignment(generated, teacher, mode=mode)
+    total = jnp.zeros((), jnp.float32)
+    for target in sorted(generated):
+        a, b = generated[target]["A"], generated[target]["B"]
+        entries = a.shape[-3] * a.shape[-2] * b.shape[-1]  # layers · d_in · d_out
+        total = total + adapter_alignment({target: generated[target]}, {target: teacher[target]}, mode=mode) / entries
+    return total
+
+
+def adapter_sq_norm(adapters: Adapters) -> jax.Array:
+    """Mean over the batch of Σ_targets,layers ‖scale·A·B‖²_F (for logging): the alignment to a zero teacher."""
+    return adapter_alignment(adapters, jax.tree.map(jnp.zeros_like, adapters), mode="delta")
+
+
 def adapter_delta_norms(adapters: Adapters) -> dict[str, jax.Array]:
     """For logging: per target, the batch mean of ‖ΔW‖_F over all layers (sqrt of the summed squared norms
     of scale·A·B), from r×r products like `adapter_alignment`."""

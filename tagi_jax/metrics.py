@@ -128,16 +128,6 @@ def sni_metrics(
 # Rank classification (P3 / T0)
 # ---------------------------------------------------------------------------------------------------------------
 
-# The T0 held-out evaluation ("MTest11"), in the order of the T0 paper's tables. Keys are the dataset names the
-# P3 task registry (tasks/p3.py) uses; ANLI's three rounds are separate datasets here.
-MTEST11 = (
-    "rte", "cb", "anli_r1", "anli_r2", "anli_r3", "copa", "hellaswag", "story_cloze", "wsc", "wic", "winogrande",
-)
-ANLI_ROUNDS = ("anli_r1", "anli_r2", "anli_r3")
-# HyperT5 / HINT report P3 without StoryCloze (manual download) and with ANLI as one dataset.
-HYPERT5 = ("rte", "cb", "anli", "copa", "hellaswag", "wsc", "wic", "winogrande")
-
-
 def rank_classification_accuracy(scores: Sequence[Sequence[float]], labels: Sequence[int]) -> float:
     """Accuracy (x100) of picking, per instance, the answer choice with the highest score.
 
@@ -188,14 +178,14 @@ def group_choice_scores(
     return out_scores, out_labels
 
 
-def _dataset_of(task_name: str) -> tuple[str, str]:
-    """'p3_anli_r1_GPT_3_style' -> ('anli_r1', 'GPT_3_style'), for the datasets of MTest11."""
+def _dataset_of(task_name: str, datasets: Sequence[str]) -> tuple[str, str]:
+    """'p3_anli_r1_GPT_3_style' -> ('anli_r1', 'GPT_3_style'), for the given dataset names."""
     name = task_name[3:] if task_name.startswith("p3_") else task_name
-    for ds in sorted(MTEST11, key=len, reverse=True):
+    for ds in sorted(datasets, key=len, reverse=True):
         if name.startswith(ds + "_"):
             return ds, name[len(ds) + 1:]
     raise ValueError(f"p3_summary: cannot tell the dataset of task {task_name!r} (expected p3_<dataset>_<template> "
-                     f"with <dataset> one of {', '.join(MTEST11)})")
+                     f"with <dataset> one of {', '.join(datasets)})")
 
 
 def _mean(values) -> float | None:
@@ -203,13 +193,16 @@ def _mean(values) -> float | None:
     return float(sum(values) / len(values)) if values else None
 
 
-def p3_summary(per_template_accuracies: Mapping[str, Mapping[str, float]] | Mapping[str, float]) -> dict:
+def p3_summary(per_template_accuracies: Mapping[str, Mapping[str, float]] | Mapping[str, float], *,
+               mtest11: Sequence[str], hypert5: Sequence[str], anli_rounds: Sequence[str]) -> dict:
     """Aggregate per-template accuracies the T0 way, with both published averages.
 
     Args:
       per_template_accuracies: either nested `{dataset: {template: accuracy}}`, or flat `{task_name: accuracy}`
-        with task names `p3_<dataset>_<template>` as tasks/p3.py registers them. Datasets are the keys of
-        `MTEST11` (anli_r1/r2/r3 separately); other datasets are averaged and reported but enter no average.
+        with task names `p3_<dataset>_<template>` as tasks/p3 registers them. Datasets are those of `mtest11`
+        (anli_r1/r2/r3 separately); other datasets are averaged and reported but enter no average.
+      mtest11, hypert5, anli_rounds: the dataset lists of the two averages and ANLI's rounds, in order
+        (`tasks.p3.datasets.MTEST11`, `HYPERT5`, `ANLI_ROUNDS`).
     Returns:
       per_dataset: {dataset: mean over its templates}.
       mtest11_average: the T0 paper's held-out average, the mean over the 11 datasets RTE, CB, COPA, WiC, WSC,
@@ -225,7 +218,7 @@ def p3_summary(per_template_accuracies: Mapping[str, Mapping[str, float]] | Mapp
         if isinstance(value, Mapping):
             nested.setdefault(key, {}).update({str(t): float(a) for t, a in value.items()})
         else:
-            ds, template = _dataset_of(key)
+            ds, template = _dataset_of(key, mtest11)
             nested.setdefault(ds, {})[template] = float(value)
     per_dataset = {}
     for ds, templates in nested.items():
@@ -235,20 +228,20 @@ def p3_summary(per_template_accuracies: Mapping[str, Mapping[str, float]] | Mapp
             raise ValueError(f"p3_summary: dataset {ds!r} has a NaN accuracy")
         per_dataset[ds] = _mean(templates.values())
 
-    mtest_present = [d for d in MTEST11 if d in per_dataset]
-    anli = _mean(per_dataset[d] for d in ANLI_ROUNDS if d in per_dataset)
+    mtest_present = [d for d in mtest11 if d in per_dataset]
+    anli = _mean(per_dataset[d] for d in anli_rounds if d in per_dataset)
     if "anli" in per_dataset:  # ANLI given as one dataset (e.g. already combined): only valid without rounds
         if anli is not None:
             raise ValueError("p3_summary: got both 'anli' and per-round anli_r* accuracies; give one or the other")
         anli = per_dataset["anli"]
-    hyper_values = {d: per_dataset[d] for d in HYPERT5 if d in per_dataset and d != "anli"}
+    hyper_values = {d: per_dataset[d] for d in hypert5 if d in per_dataset and d != "anli"}
     if anli is not None:
         hyper_values["anli"] = anli
     return {
         "per_dataset": per_dataset,
         "mtest11_average": _mean(per_dataset[d] for d in mtest_present),
-        "mtest11_missing": [d for d in MTEST11 if d not in per_dataset],
+        "mtest11_missing": [d for d in mtest11 if d not in per_dataset],
         "anli": anli,
         "hypert5_average": _mean(hyper_values.values()),
-        "hypert5_missing": [d for d in HYPERT5 if d not in hyper_values],
+        "hypert5_missing": [d for d in hypert5 if d not in hyper_values],
     }

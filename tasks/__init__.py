@@ -1,0 +1,1 @@
+"""SeqIO task registries (synthetic suite, Super-NaturalInstructions, P3 / T0, hypernetwork pretraining)."""

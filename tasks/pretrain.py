@@ -1,18 +1,6 @@
-"""Hypernetwork pretraining task (stage 1): plain text cut into a | b | c.
+"""Hypernetwork pretraining task (stage 1): plain text cut into a | b | c, registered as one SeqIO task.
 
-Each document is cut at two random word boundaries: the hypernetwork reads a (`hyper_inputs`), the adapted
-model reads b (`inputs`) and predicts c (`targets`); `full_inputs` = a + " " + b (what an instruction-
-concatenation model would read), `task_name` = "pretrain". The cut points come from an RNG seeded with
-(seed, document text), so a document is cut the same way whatever its position, shard or epoch, and a
-different seed cuts differently. Text inside each part keeps its original whitespace; joining the parts with
-single spaces gives back the document up to whitespace at the two cuts and its ends.
-
-Sources (nothing is opened or downloaded until the dataset is requested):
-  "tfds:<name>"  a TFDS text dataset with a `text` feature, e.g. "tfds:c4/en:3.0.1" (real runs; a bare
-                 "tfds:c4/en" means c4/en:3.1.0, other names need their version, as seqio requires);
-  a directory    local files: `*.jsonl` (one document per line, field `text_field`) and `*.txt` (documents
-                 separated by blank lines), read in sorted order; split `s` reads `<dir>/<s>/` when that
-                 folder exists, otherwise the files directly in `<dir>` make up the "train" split.
+The hypernetwork reads a, the adapted model reads b and predicts c; documents come from TFDS or local files.
 """
 from __future__ import annotations
 
@@ -36,6 +24,14 @@ DEFAULT_TFDS_VERSIONS = {"c4/en": "3.1.0"}  # 'tfds:c4/en' means TFDS's current 
 EVAL_SPLITS = ("validation", "test")
 _WORD = re.compile(r"\S+")
 _BLANK_LINES = re.compile(r"\n\s*\n")
+
+
+# Each document is cut at two random word boundaries: the hypernetwork reads a (`hyper_inputs`), the adapted
+# model reads b (`inputs`) and predicts c (`targets`); `full_inputs` = a + " " + b (what an instruction-
+# concatenation model would read), `task_name` = "pretrain". The cut points come from an RNG seeded with
+# (seed, document text), so a document is cut the same way whatever its position, shard or epoch, and a
+# different seed cuts differently. Text inside each part keeps its original whitespace; joining the parts with
+# single spaces gives back the document up to whitespace at the two cuts and its ends.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +95,12 @@ def example_from_document(text: str, seed: int = 0, config: CutConfig = CutConfi
 # ---------------------------------------------------------------------------------------------------------------
 # Sources: documents as a tf.data.Dataset of {"text": string}
 # ---------------------------------------------------------------------------------------------------------------
+# Nothing is opened or downloaded until the dataset is requested.
+#   "tfds:<name>"  a TFDS text dataset with a `text` feature, e.g. "tfds:c4/en:3.0.1" (real runs; a bare
+#                  "tfds:c4/en" means c4/en:3.1.0, other names need their version, as seqio requires);
+#   a directory    local files: `*.jsonl` (one document per line, field `text_field`) and `*.txt` (documents
+#                  separated by blank lines), read in sorted order; split `s` reads `<dir>/<s>/` when that
+#                  folder exists, otherwise the files directly in `<dir>` make up the "train" split.
 
 
 def _split_files(directory: str, split: str) -> list[str]:

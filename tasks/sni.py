@@ -1,23 +1,5 @@
-"""Super-NaturalInstructions (SNI v2) as SeqIO tasks, in the exact Tk-Instruct text format.
-
-`register_sni(sni_dir, vocabulary, ...)` reads a natural-instructions checkout (`tasks/<task>.json`,
-`splits/<split_name>/{train,test}_tasks.txt`) and registers one task per SNI task (`<prefix>_<task>`, with
-characters SeqIO forbids replaced by `_`) plus the mixtures `<prefix>_train` and `<prefix>_test`. Registration
-only checks that the directory, split lists and listed files exist; task files are parsed when a dataset is
-requested (except with `skip_bad_tasks=True`, which has to parse every file to know what to skip).
-
-Text features (the same strings Tk-Instruct's `DataCollatorForNI` builds, src/ni_collator.py):
-  hyper_inputs  the instruction: "Definition: ...\\n\\n" + " Positive Example k -\\nInput: ...\\n Output: ...\\n\\n"
-                ... + " Negative Example k -\\n..." (what TAGI's hypernetwork reads: its collator's `prefix`)
-  inputs        the instance part alone: "Now complete the following example -\\nInput: ...\\nOutput: "
-                (what the student with the generated adapter reads: the collator's `task_input`. TAGI's code,
-                with `custom_model`, gives its student `definition + task_input`; the feature contract says
-                the instance alone, and the definition reaches the student through the adapter and fusion)
-  full_inputs   Tk-Instruct's source text, i.e. exactly hyper_inputs + inputs (teachers, concat baseline)
-  targets       train: one reference chosen from the seed; test: the first reference
-  references    test split only: every reference
-Examples that would make the tokenised full input longer than `max_source_length` are dropped, one by one,
-with the collator's own length check (its quirks kept: the check joins examples with " ").
+"""Super-NaturalInstructions (SNI v2) as SeqIO tasks: reading and validating a natural-instructions checkout,
+building each task's examples in the Tk-Instruct format (tasks/formatting.py) and registering tasks and mixtures.
 """
 from __future__ import annotations
 
@@ -27,7 +9,6 @@ import math
 import os
 import random
 import re
-import string
 from typing import Callable, Mapping, Sequence
 
 import seqio
@@ -36,6 +17,7 @@ from absl import logging
 
 from tagi_jax import features as F
 from tasks.common import function_source, register_task
+from tasks.formatting import tk_instruct_texts
 
 SETTINGS = ("def", "def_pos2", "def_pos2_neg2")
 TRAIN, TEST = "train", "test"
@@ -208,86 +190,10 @@ def setting_counts(setting: str, num_pos: int, num_neg: int) -> tuple[int, int]:
     return {"def": (0, 0), "def_pos2": (num_pos, 0), "def_pos2_neg2": (num_pos, num_neg)}[setting]
 
 
-def _example_str(kind: str, idx: int, example: Mapping, add_explanation: bool) -> str:
-    # Verbatim Tk-Instruct (ni_collator.py), including the leading spaces.
-    s = f" {kind} Example {idx + 1} -\n"
-    s += f"Input: {example['input'].strip()}"
-    if not s[-1] in string.punctuation:
-        s += "."
-    s += "\n"
-    s += f" Output: {example['output'].strip()}"
-    if not s[-1] in string.punctuation:
-        s += "."
-    s += "\n"
-    if add_explanation and "explanation" in example:
-        s += f" Explanation: {example['explanation'].strip()}"
-        if not s[-1] in string.punctuation:
-            s += "."
-        s += "\n"
-    s += "\n"
-    return s
-
-
-def tk_instruct_texts(
-    task: Mapping,
-    instance_input: str,
-    num_pos: int = 2,
-    num_neg: int = 0,
-    add_explanation: bool = False,
-    add_task_definition: bool = True,
-    task_prefix: str = "",
-    token_length: Callable[[str], int] | None = None,
-    max_source_length: int | None = None,
-    max_instruction_chars: int | None = None,
-) -> dict[str, str]:
-    """{hyper_inputs, inputs, full_inputs} for one instance, as Tk-Instruct's DataCollatorForNI builds them.
-
-    `token_length(text)` counts tokens including EOS (like a HF tokenizer's input_ids); with
-    `max_source_length`, examples that would overflow are dropped (and the ones after them), as there.
-    `task_prefix` is the collator's optional "<task name>. " prefix (off in every Tk-Instruct setting).
-    """
-    task_input = ""
-    task_input += "Now complete the following example -\n"
-    task_input += f"Input: {instance_input.strip()}"
-    if not task_input[-1] in string.punctuation:
-        task_input += "."
-    task_input += "\n"
-    task_input += "Output: "
-
-    definition = ""
-    if add_task_definition:
-        raw = task["Definition"][0] if isinstance(task["Definition"], list) else task["Definition"]
-        if max_instruction_chars is not None:
-            raw = raw.strip()[:max_instruction_chars]
-        definition = "Definition: " + raw.strip()
-        if not definition[-1] in string.punctuation:
-            definition += "."
-        definition += "\n\n"
-
-    def fits(text: str) -> bool:
-        return max_source_length is None or token_length is None or token_length(text) <= max_source_length
-
-    pos_examples: list[str] = []
-    for idx, example in enumerate(task.get("Positive Examples", [])[:num_pos]):
-        s = _example_str("Positive", idx, example, add_explanation)
-        if fits(definition + " ".join(pos_examples) + s + task_input):
-            pos_examples.append(s)
-        else:
-            break
-
-    neg_examples: list[str] = []
-    for idx, example in enumerate(task.get("Negative Examples", [])[:num_neg]):
-        s = _example_str("Negative", idx, example, add_explanation)
-        if fits(definition + " ".join(pos_examples) + " ".join(neg_examples) + s + task_input):
-            neg_examples.append(s)
-        else:
-            break
-
-    instruction = task_prefix + definition + "".join(pos_examples) + "".join(neg_examples)
-    return {F.HYPER_INPUTS: instruction, F.INPUTS: task_input, F.FULL_INPUTS: instruction + task_input}
-
-
 # -------------------------------------------------------------------------------------- examples
+# Per example: the text features of tasks.formatting.tk_instruct_texts (hyper_inputs, inputs, full_inputs), and
+#   targets       train: one reference chosen from the seed; test: the first reference
+#   references    test split only: every reference
 def build_examples(
     task: Mapping,
     task_name: str,
@@ -337,6 +243,11 @@ def build_examples(
 
 
 # ---------------------------------------------------------------------------------- registration
+# `register_sni(sni_dir, vocabulary, ...)` reads a natural-instructions checkout (`tasks/<task>.json`,
+# `splits/<split_name>/{train,test}_tasks.txt`) and registers one task per SNI task (`<prefix>_<task>`, with
+# characters SeqIO forbids replaced by `_`) plus the mixtures `<prefix>_train` and `<prefix>_test`. Registration
+# only checks that the directory, split lists and listed files exist; task files are parsed when a dataset is
+# requested (except with `skip_bad_tasks=True`, which has to parse every file to know what to skip).
 def _concatenate(datasets, rates, seed):
     """Every example of every task once, in task order: a complete, deterministic evaluation pass."""
     del rates, seed

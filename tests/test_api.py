@@ -12,7 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from tagi_jax import evaluation, export
+from tagi_jax import export
+from tagi_jax.eval import generation
+from tagi_jax.eval import rank_classification
 from tagi_jax import features as F
 from tagi_jax.api import TAGIPredictor, TaskAdapter, format_input, format_instruction
 from tagi_jax.models import lora
@@ -60,13 +62,13 @@ def test_generate_predict_score(predictor, workdir):
     assert adapter.states.shape == (LENGTHS["hyper_inputs"], 32)  # the model fuses the instruction
 
     preds = predictor.predict(INPUTS)  # the last generated adapter by default
-    records, _ = evaluation.evaluate("tagi", predictor.model, predictor.params, examples_for(adapter.instruction, INPUTS),
+    records, _ = generation.evaluate("tagi", predictor.model, predictor.params, examples_for(adapter.instruction, INPUTS),
                                      predictor.vocab, lengths=LENGTHS, batch_size=BATCH, max_decode_len=MAX_DECODE)
     assert preds == [r["prediction"] for r in records]
 
     choices = [["a b", "c"]] * len(INPUTS)
     scores = predictor.score(INPUTS, choices, adapter)
-    ranked, _ = evaluation.evaluate_rank_classification(
+    ranked, _ = rank_classification.evaluate_rank_classification(
         "tagi", predictor.model, predictor.params, examples_for(adapter.instruction, INPUTS), predictor.vocab,
         lengths=LENGTHS, batch_size=BATCH)
     np.testing.assert_allclose(scores, [r["scores"] for r in ranked], atol=1e-5)
@@ -103,7 +105,7 @@ def test_encoder_fusion_model_through_the_api(tmp_path):
     adapter = predictor.generate_adapter(DEFINITION, EXAMPLES)
     assert adapter.states.shape == (LENGTHS["hyper_inputs"], 32)
     preds = predictor.predict(INPUTS)
-    records, _ = evaluation.evaluate("tagi", predictor.model, predictor.params,
+    records, _ = generation.evaluate("tagi", predictor.model, predictor.params,
                                      examples_for(adapter.instruction, INPUTS), predictor.vocab, lengths=LENGTHS,
                                      batch_size=BATCH, max_decode_len=MAX_DECODE)
     assert preds == [r["prediction"] for r in records]
@@ -118,7 +120,7 @@ def test_baselines_through_the_api(workdir):
     concat = TAGIPredictor.load(workdir, "concat")
     task = concat.generate_adapter(DEFINITION, EXAMPLES)
     assert task.adapters is None and task.instruction == format_instruction(DEFINITION, EXAMPLES)
-    records, _ = evaluation.evaluate("concat", concat.model, concat.params, examples_for(task.instruction, INPUTS),
+    records, _ = generation.evaluate("concat", concat.model, concat.params, examples_for(task.instruction, INPUTS),
                                      concat.vocab, lengths=LENGTHS, batch_size=BATCH, max_decode_len=MAX_DECODE)
     assert concat.predict(INPUTS) == [r["prediction"] for r in records]
     plain = TAGIPredictor.load(workdir, "no_instruction")

@@ -2,17 +2,17 @@
 import textwrap
 
 import pytest
+from tagi_jax.trainer import config as trainer_config
 from tagi_jax import config as cfg_lib
-from tagi_jax import trainer
 from tagi_jax.config import ConfigError
 
 CONFIG_FILE = textwrap.dedent(
     """
     from ml_collections import config_dict
-    from tagi_jax import trainer
+    from tagi_jax.trainer import config as trainer_config
 
     def get_config(arg=None):
-        config = trainer.default_config()
+        config = trainer_config.default_config()
         config.model = config_dict.ConfigDict({"checkpoint": config_dict.placeholder(str), "size": arg or "tiny"})
         config.optimizer.frozen = ("^t5/",)
         config.optimizer.groups = {"hypernet": {"pattern": "^hypernet/", "lr_scale": 10.0}}
@@ -97,7 +97,7 @@ def test_require_path(config_path, tmp_path):
 
 
 def _valid():
-    config = trainer.default_config()
+    config = trainer_config.default_config()
     config.train.batch_size = 16
     config.train.num_microbatches = 2
     config.train.steps = 100
@@ -124,11 +124,11 @@ def test_incompatible_trainer_settings_are_named(key, value, data, message):
     section, field = key.split(".")
     config[section][field] = value
     with pytest.raises(ConfigError, match=message):
-        cfg_lib.validate_trainer_config(config, data_parallel_size=data)
+        trainer_config.validate_trainer_config(config, data_parallel_size=data)
 
 
 def test_valid_trainer_config_passes():
-    cfg_lib.validate_trainer_config(_valid(), data_parallel_size=8)
+    trainer_config.validate_trainer_config(_valid(), data_parallel_size=8)
 
 
 def test_section_names_rename_keys_in_messages():
@@ -136,7 +136,7 @@ def test_section_names_rename_keys_in_messages():
     config.train.num_microbatches = 4
     names = {"train": "stages.finetune.train", "optimizer": "stages.finetune.optimizer"}
     with pytest.raises(ConfigError) as e:
-        cfg_lib.validate_trainer_config(config, data_parallel_size=8, section_names=names)
+        trainer_config.validate_trainer_config(config, data_parallel_size=8, section_names=names)
     message = str(e.value)
     assert "'stages.finetune.train.batch_size'=16" in message
     assert "stages.finetune.train.num_microbatches=4" in message and "(mesh.data=8)" in message

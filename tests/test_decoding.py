@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tagi_jax.models import predict as predict_lib
 from tagi_jax import decoding
 
 # --------------------------------------------------------------------------------------------------------
@@ -264,11 +265,11 @@ def t5():
         }
     extra = jnp.asarray(rng.normal(size=(batch, 3, config.d_model)), jnp.float32)
     extra_mask = jnp.asarray([[1, 1, 1], [1, 0, 0], [1, 1, 0]], jnp.int32)
-    predict = jax.jit(functools.partial(decoding.predict, model),
+    predict = jax.jit(functools.partial(predict_lib.predict, model),
                       static_argnames=("max_decode_len", "beam_size", "length_penalty_style"))
     full_logits = jax.jit(lambda p, e, d, a, x, xm: model.apply(
         {"params": p}, e, d, jnp.ones_like(d), adapters=a, extra_encoder_states=x, extra_encoder_mask=xm))
-    score = jax.jit(functools.partial(decoding.score_targets, model))
+    score = jax.jit(functools.partial(predict_lib.score_targets, model))
     return dict(model=model, config=config, params=params, enc=jnp.asarray(enc), adapters=adapters,
                 extra=extra, extra_mask=extra_mask, predict=predict, full_logits=full_logits, score=score)
 
@@ -412,7 +413,7 @@ def hf_t5(tmp_path_factory):
     config, params = load_t5(directory)
     model = T5(config)
     enc = make_batch(config.vocab_size, batch=4, enc_len=9, seed=1)["encoder_input_tokens"]
-    predict = jax.jit(functools.partial(decoding.predict, model),
+    predict = jax.jit(functools.partial(predict_lib.predict, model),
                       static_argnames=("max_decode_len", "beam_size", "length_penalty_style"))
     return dict(torch_model=torch_model, params=params, enc=enc, predict=predict)
 

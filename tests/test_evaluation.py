@@ -15,10 +15,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ml_collections import config_dict
 from flax import linen as nn
 from flax import traverse_util
 
-from tagi_jax import decoding, evaluation
+from tagi_jax.data import batches
+from tagi_jax.data import benchmarks
+from tagi_jax.eval import adapters as adapters_lib
+from tagi_jax.eval import decode as decode_lib
+from tagi_jax.eval import generation
+from tagi_jax.eval import rank_classification
+from tagi_jax.eval import report
+from tagi_jax.eval import runner
+from tagi_jax.models import predict as predict_lib
+from tagi_jax.run import defaults as run_defaults
+from tagi_jax.run import stages
 from tagi_jax import features as F
 from tagi_jax.models import lora, tagi
 from tagi_jax.models.hypernet import HyperNetConfig
@@ -73,9 +84,8 @@ def make_workdir(path: str, fusion: str = "prepend", methods=("tagi",), seed: in
     """A pipeline work directory as launch/train.py leaves it (config.json, tasks.json, Orbax checkpoints of
     the methods' stages), with random parameters; returns {method: params}."""
     import orbax.checkpoint as ocp
-    from tagi_jax import pipeline
 
-    c = pipeline.default_config()
+    c = run_defaults.default_config()
     c.model.update(tiny_config().to_dict())
     c.hypernet.update(HYPER)
     c.tagi.fusion = fusion
@@ -91,11 +101,11 @@ def make_workdir(path: str, fusion: str = "prepend", methods=("tagi",), seed: in
         json.dump({"train_task_names": [], "teachers_per": "task", "teacher_keys": [], "categories": {}}, f)
     with open(os.path.join(path, "model_config.json"), "w") as f:
         json.dump(tiny_config().to_dict(), f)
-    cfg = pipeline.tagi_config(c, num_teachers=0)
+    cfg = run_defaults.tagi_config(c, num_teachers=0)
     out = {}
     for i, method in enumerate(methods):
         params = random_params(cfg, seed + i)
-        stage = pipeline.METHOD_STAGE[method]
+        stage = stages.METHODS[method].stage
         tree = {"student": params, "teacher": params} if stage == "finetune" else params
         with ocp.CheckpointManager(os.path.abspath(os.path.join(path, stage, "checkpoints"))) as manager:
             manager.save(1, args=ocp.args.StandardSave({"params": tree}))
@@ -106,7 +116,7 @@ def make_workdir(path: str, fusion: str = "prepend", methods=("tagi",), seed: in
 
 def task_examples(task: str, definition: str, inputs, answers) -> list[dict]:
     """Synthetic evaluation examples in the Tk-Instruct format; the same inputs can recur across tasks."""
-    from tasks.synthetic import tk_instance
+    from tasks.formatting import tk_instance
 
     hyper = f"Definition: {definition}\n\n"
     return [{F.INPUTS: tk_instance(x), F.HYPER_INPUTS: hyper, F.FULL_INPUTS: hyper + tk_instance(x),
@@ -141,7 +151,7 @@ def test_adapters_generated_once_per_instruction_in_batches(fused, vocab):
     model, params = fused
     instructions = ["Definition: a.", "Definition: b.", "Definition: a.", "Definition: c.", "Definition: d.",
                     "Definition: e.", "Definition: b."]
-    table = evaluation.generate_task_adapters(model, params, instructions, vocab, LENGTHS["hyper_inputs"], BATCH)
+    table = adapters_lib.generate_task_adapters(model, params, instructions, vocab, LENGTHS["hyper_inputs"], BATCH)
     distinct = list(dict.fromkeys(instructions))
     assert table.generated == len(distinct) == 5 and table.reused == 0
     assert table.generator_calls == 2  # 5 instructions in batches of 4 (the last padded to the same shape)
@@ -149,7 +159,7 @@ def test_adapters_generated_once_per_instruction_in_batches(fused, vocab):
     assert table.rows(instructions).tolist() == [0, 1, 0, 2, 3, 4, 1]
     # Each row equals the hypernetwork run on that instruction alone (batching and padding change nothing).
     for text in ("Definition: a.", "Definition: e."):
-        tokens, _ = evaluation.tokenize(vocab, [text], LENGTHS["hyper_inputs"])
+        tokens, _ = decode_lib.tokenize(vocab, [text], LENGTHS["hyper_inputs"])
         ref, states, mask = tagi.generate_adapters(model, params, tokens)
         got = table.adapter(text)
         for target in ref:
@@ -167,36 +177,36 @@ def test_cached_adapters_are_reused_and_invalidated_by_a_new_checkpoint(fused, v
     cache_dir = str(tmp_path / "adapter_cache")
     kwargs = dict(lengths=LENGTHS, batch_size=BATCH, max_decode_len=MAX_DECODE)
 
-    records1, m1 = evaluation.evaluate("tagi", model, params, examples, vocab,
-                                       cache=evaluation.AdapterCache(cache_dir), **kwargs)
+    records1, m1 = generation.evaluate("tagi", model, params, examples, vocab,
+                                       cache=adapters_lib.AdapterCache(cache_dir), **kwargs)
     assert m1["adapters_generated"] == 3 and m1["adapters_reused"] == 0 and m1["generator_calls"] == 1
     files = sorted(os.path.relpath(os.path.join(d, f), cache_dir) for d, _, fs in os.walk(cache_dir) for f in fs)
     assert len(files) == 3
 
     # A second run (a new process would build a new cache object over the same directory) generates none.
-    second = evaluation.AdapterCache(cache_dir)
-    records2, m2 = evaluation.evaluate("tagi", model, params, examples, vocab, cache=second, **kwargs)
+    second = adapters_lib.AdapterCache(cache_dir)
+    records2, m2 = generation.evaluate("tagi", model, params, examples, vocab, cache=second, **kwargs)
     assert m2["adapters_generated"] == 0 and m2["adapters_reused"] == 3 and m2["generator_calls"] == 0
     assert second.disk_hits == 3
     assert records2 == records1
     # Within a run, the memory cache answers.
-    _, m3 = evaluation.evaluate("tagi", model, params, examples, vocab, cache=second, **kwargs)
+    _, m3 = generation.evaluate("tagi", model, params, examples, vocab, cache=second, **kwargs)
     assert m3["adapters_generated"] == 0 and second.memory_hits == 3
 
     # A changed checkpoint (new hypernetwork weights) never sees the old adapters.
     changed = jax.tree.map(lambda x: x, params)
     changed["hypernet"] = jax.tree.map(lambda x: x * 1.01, params["hypernet"])
-    _, m4 = evaluation.evaluate("tagi", model, changed, examples, vocab,
-                                cache=evaluation.AdapterCache(cache_dir), **kwargs)
+    _, m4 = generation.evaluate("tagi", model, changed, examples, vocab,
+                                cache=adapters_lib.AdapterCache(cache_dir), **kwargs)
     assert m4["adapters_generated"] == 3 and m4["adapters_reused"] == 0
     assert len(os.listdir(cache_dir)) == 2  # one directory per checkpoint fingerprint
     # The fingerprint covers what adapters depend on (encoder, embeddings, hypernetwork), not the decoder.
-    fp = evaluation.params_fingerprint(params, model)
-    assert evaluation.params_fingerprint(changed, model) != fp
+    fp = adapters_lib.params_fingerprint(params, model)
+    assert adapters_lib.params_fingerprint(changed, model) != fp
     enc_changed = {**params, "t5": {**params["t5"], "encoder": jax.tree.map(lambda x: x + 1e-3, params["t5"]["encoder"])}}
-    assert evaluation.params_fingerprint(enc_changed, model) != fp
+    assert adapters_lib.params_fingerprint(enc_changed, model) != fp
     dec_changed = {**params, "t5": {**params["t5"], "decoder": jax.tree.map(lambda x: x + 1e-3, params["t5"]["decoder"])}}
-    assert evaluation.params_fingerprint(dec_changed, model) == fp
+    assert adapters_lib.params_fingerprint(dec_changed, model) == fp
 
 
 # ----------------------------------------------------------------------------------------------- decoding
@@ -205,11 +215,11 @@ def test_mixed_task_batches_match_each_task_alone(fused, vocab, beam_size):
     model, params = fused
     kwargs = dict(lengths=LENGTHS, batch_size=BATCH, max_decode_len=MAX_DECODE, beam_size=beam_size)
     examples = all_examples()
-    records, metrics = evaluation.evaluate("tagi", model, params, examples, vocab, **kwargs)
+    records, metrics = generation.evaluate("tagi", model, params, examples, vocab, **kwargs)
     mixed = {r["id"]: r["prediction"] for r in records}
     alone = {}
     for name, spec in TASKS.items():
-        recs, _ = evaluation.evaluate("tagi", model, params, task_examples(name, *spec), vocab, **kwargs)
+        recs, _ = generation.evaluate("tagi", model, params, task_examples(name, *spec), vocab, **kwargs)
         alone.update({r["id"]: r["prediction"] for r in recs})
     assert mixed == alone
     # The same input "3 1 2" gets different outputs under different tasks' adapters: a row mix-up would show.
@@ -220,23 +230,23 @@ def test_mixed_task_batches_match_each_task_alone(fused, vocab, beam_size):
     assert set(metrics["per_task"]) == set(TASKS) and set(metrics["per_category"]) == {"toy"}
     assert metrics["num_examples"] == 12 and metrics["num_tasks"] == 3 and metrics["adapters_generated"] == 3
     assert metrics["examples_per_second"] > 0 and metrics["decoding_seconds"] > 0
-    table = evaluation.format_metrics(metrics, title="toy")
+    table = report.format_metrics(metrics, title="toy")
     assert "ROUGE-L" in table and "sort" in table and "examples/s" in table
 
 
 def test_greedy_prediction_matches_direct_student_decoding(fused, vocab):
-    """An independent path: TAGI's own `student_decoding_inputs` + `decoding.predict` on one task's batch."""
+    """An independent path: TAGI's own `student_decoding_inputs` + `models.predict.predict` on one task's batch."""
     model, params = fused
     examples = task_examples("sort", *TASKS["sort"])
-    records, _ = evaluation.evaluate("tagi", model, params, examples, vocab, lengths=LENGTHS, batch_size=BATCH,
+    records, _ = generation.evaluate("tagi", model, params, examples, vocab, lengths=LENGTHS, batch_size=BATCH,
                                      max_decode_len=MAX_DECODE)
-    enc, _ = evaluation.tokenize(vocab, [ex[F.INPUTS] for ex in examples], LENGTHS["inputs"])
-    hyper, _ = evaluation.tokenize(vocab, [ex[F.HYPER_INPUTS] for ex in examples], LENGTHS["hyper_inputs"])
+    enc, _ = decode_lib.tokenize(vocab, [ex[F.INPUTS] for ex in examples], LENGTHS["inputs"])
+    hyper, _ = decode_lib.tokenize(vocab, [ex[F.HYPER_INPUTS] for ex in examples], LENGTHS["hyper_inputs"])
     inputs = tagi.student_decoding_inputs(model, params, {F.ENCODER_INPUT_TOKENS: enc,
                                                            F.HYPER_ENCODER_INPUT_TOKENS: hyper})
-    tokens, _ = jax.jit(lambda p, i: decoding.predict(T5(model.config.t5), p, **i, max_decode_len=MAX_DECODE))(
+    tokens, _ = jax.jit(lambda p, i: predict_lib.predict(T5(model.config.t5), p, **i, max_decode_len=MAX_DECODE))(
         params["t5"], inputs)
-    assert [r["prediction"] for r in records] == evaluation.detokenize(vocab, np.asarray(tokens))
+    assert [r["prediction"] for r in records] == decode_lib.detokenize(vocab, np.asarray(tokens))
 
 
 def test_encoder_fusion_model_caches_and_uses_instruction_states(vocab, tmp_path):
@@ -246,31 +256,31 @@ def test_encoder_fusion_model_caches_and_uses_instruction_states(vocab, tmp_path
     examples = task_examples("sort", *TASKS["sort"])
     kwargs = dict(lengths=LENGTHS, batch_size=BATCH, max_decode_len=MAX_DECODE)
     cache_dir = str(tmp_path / "adapter_cache")
-    records, _ = evaluation.evaluate("tagi", model, params, examples, vocab,
-                                     cache=evaluation.AdapterCache(cache_dir), **kwargs)
-    reread = evaluation.AdapterCache(cache_dir)
+    records, _ = generation.evaluate("tagi", model, params, examples, vocab,
+                                     cache=adapters_lib.AdapterCache(cache_dir), **kwargs)
+    reread = adapters_lib.AdapterCache(cache_dir)
     entry = reread.get(reread.fingerprint(params, model), examples[0][F.HYPER_INPUTS], LENGTHS["hyper_inputs"])
     assert entry is not None and entry["states"].shape == (LENGTHS["hyper_inputs"], model.config.t5.d_model)
-    again, m = evaluation.evaluate("tagi", model, params, examples, vocab, cache=reread, **kwargs)
+    again, m = generation.evaluate("tagi", model, params, examples, vocab, cache=reread, **kwargs)
     assert m["adapters_reused"] == 1 and again == records  # served from disk, states included
 
-    enc, _ = evaluation.tokenize(vocab, [ex[F.INPUTS] for ex in examples], LENGTHS["inputs"])
-    hyper, _ = evaluation.tokenize(vocab, [ex[F.HYPER_INPUTS] for ex in examples], LENGTHS["hyper_inputs"])
+    enc, _ = decode_lib.tokenize(vocab, [ex[F.INPUTS] for ex in examples], LENGTHS["inputs"])
+    hyper, _ = decode_lib.tokenize(vocab, [ex[F.HYPER_INPUTS] for ex in examples], LENGTHS["hyper_inputs"])
     inputs = tagi.student_decoding_inputs(model, params, {F.ENCODER_INPUT_TOKENS: enc,
                                                            F.HYPER_ENCODER_INPUT_TOKENS: hyper})
-    predict = jax.jit(lambda p, i: decoding.predict(T5(model.config.t5), p, **i, max_decode_len=MAX_DECODE)[0])
+    predict = jax.jit(lambda p, i: predict_lib.predict(T5(model.config.t5), p, **i, max_decode_len=MAX_DECODE)[0])
     tokens = predict(params["t5"], inputs)
-    assert [r["prediction"] for r in records] == evaluation.detokenize(vocab, np.asarray(tokens))
+    assert [r["prediction"] for r in records] == decode_lib.detokenize(vocab, np.asarray(tokens))
     unfused = predict(params["t5"], dict(inputs, encoder_fusion_states=None, encoder_fusion_mask=None))
     assert not np.array_equal(np.asarray(unfused), np.asarray(tokens))  # the states matter
 
-    table = evaluation.generate_task_adapters(model, params, [examples[0][F.HYPER_INPUTS]], vocab,
+    table = adapters_lib.generate_task_adapters(model, params, [examples[0][F.HYPER_INPUTS]], vocab,
                                               LENGTHS["hyper_inputs"], BATCH)
-    targets, _ = evaluation.tokenize(vocab, [ex[F.TARGETS] for ex in examples], LENGTHS["targets"])
-    dec = evaluation.shift_right(targets)
-    _, mean, _, _ = evaluation.score_tokens(model, params, table.device_tree(), None, enc, dec, targets,
+    targets, _ = decode_lib.tokenize(vocab, [ex[F.TARGETS] for ex in examples], LENGTHS["targets"])
+    dec = decode_lib.shift_right(targets)
+    _, mean, _, _ = decode_lib.score_tokens(model, params, table.device_tree(), None, enc, dec, targets,
                                             batch_size=BATCH)
-    want = decoding.score_targets(T5(model.config.t5), params["t5"], enc, dec, targets,
+    want = predict_lib.score_targets(T5(model.config.t5), params["t5"], enc, dec, targets,
                                   adapters=inputs["adapters"], encoder_fusion_states=inputs["encoder_fusion_states"],
                                   encoder_fusion_mask=inputs["encoder_fusion_mask"])
     np.testing.assert_allclose(mean, want.mean, rtol=1e-5, atol=1e-5)
@@ -281,26 +291,26 @@ def test_baselines_read_their_own_inputs(fused, vocab):
     model, params = fused
     examples = all_examples()
     kwargs = dict(lengths=LENGTHS, batch_size=BATCH, max_decode_len=MAX_DECODE)
-    recs, m = evaluation.evaluate("no_instruction", model, params, examples, vocab, **kwargs)
+    recs, m = generation.evaluate("no_instruction", model, params, examples, vocab, **kwargs)
     by_id = {r["id"]: r["prediction"] for r in recs}
     assert by_id["sort-0"] == by_id["reverse-0"] == by_id["count-0"]  # same input "3 1 2", no instruction
     assert m["adapters_generated"] == 0
-    recs, _ = evaluation.evaluate("concat", model, params, examples, vocab, **kwargs)
+    recs, _ = generation.evaluate("concat", model, params, examples, vocab, **kwargs)
     by_id = {r["id"]: r["prediction"] for r in recs}
     assert len({by_id["sort-0"], by_id["reverse-0"], by_id["count-0"]}) > 1
 
 
 # ----------------------------------------------------------------------------------------------- P3
 def test_p3_rank_classification_on_the_real_held_out_sets(fused, vocab, shared_data):
-    from tasks import p3
+    from tasks.p3 import register as p3
 
     model, params = fused
     registered = p3.register_p3_eval(os.path.join(shared_data, "promptsource_templates"),
                                      os.path.join(shared_data, "p3_eval"), vocab, datasets=["rte", "copa"])
     names = [t for ts in registered.values() for t in ts]
-    examples = [ex for name in names for ex in evaluation.task_examples(name, max_per_task=2)]
+    examples = [ex for name in names for ex in batches.eval_examples(name, max_per_task=2)]
     assert {ex[F.TASK_NAME] for ex in examples} == set(names)
-    records, metrics = evaluation.evaluate_rank_classification(
+    records, metrics = rank_classification.evaluate_rank_classification(
         "tagi", model, params, examples, vocab, lengths=LENGTHS, batch_size=BATCH)
 
     # Accuracy per template, recomputed from the records.
@@ -321,17 +331,17 @@ def test_p3_rank_classification_on_the_real_held_out_sets(fused, vocab, shared_d
 
     # One choice's score equals a direct teacher-forced computation with the example's own adapter.
     ex, rec = examples[5], records[5]
-    hyper, _ = evaluation.tokenize(vocab, [ex[F.HYPER_INPUTS]], LENGTHS["hyper_inputs"])
+    hyper, _ = decode_lib.tokenize(vocab, [ex[F.HYPER_INPUTS]], LENGTHS["hyper_inputs"])
     adapters, states, mask = tagi.generate_adapters(model, params, hyper)
-    enc, _ = evaluation.tokenize(vocab, [ex[F.INPUTS]], LENGTHS["inputs"])
-    tgt, _ = evaluation.tokenize(vocab, [ex["answer_choices"][1]], LENGTHS["targets"])
-    logits = T5(model.config.t5).apply({"params": params["t5"]}, enc, evaluation.shift_right(tgt), tgt,
+    enc, _ = decode_lib.tokenize(vocab, [ex[F.INPUTS]], LENGTHS["inputs"])
+    tgt, _ = decode_lib.tokenize(vocab, [ex["answer_choices"][1]], LENGTHS["targets"])
+    logits = T5(model.config.t5).apply({"params": params["t5"]}, enc, decode_lib.shift_right(tgt), tgt,
                                        adapters=adapters, extra_encoder_states=states, extra_encoder_mask=mask)
     logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
     n = int((tgt > 0).sum())
     expected = float(np.mean([logp[0, i, tgt[0, i]] for i in range(n)]))
     assert rec["scores"][1] == pytest.approx(expected, abs=1e-4)
-    table = evaluation.format_metrics(metrics)
+    table = report.format_metrics(metrics)
     assert "MTest11 average" in table and "rte" in table
 
 
@@ -340,7 +350,7 @@ def test_run_evaluation_on_a_work_directory(vocab, tmp_path):
     workdir = str(tmp_path / "run")
     make_workdir(workdir, "prepend", methods=("tagi",))
     printed = []
-    results = evaluation.run_evaluation(workdir, "tagi", "synthetic", print_fn=printed.append)
+    results = runner.run_evaluation(workdir, "tagi", "synthetic", print_fn=printed.append)
     assert set(results) == {"unseen", "seen"}
     assert results["unseen"]["num_tasks"] == 2 and results["seen"]["num_tasks"] == 3
     assert results["seen"]["num_examples"] == 12
@@ -353,12 +363,12 @@ def test_run_evaluation_on_a_work_directory(vocab, tmp_path):
     assert len(lines) == 8 and set(lines[0]) == {"id", "task_name", "prediction", "references"}
     assert any("ROUGE-L" in p for p in printed) and any("examples/s" in p for p in printed)
     # A second run reuses the adapters cached in the work directory.
-    again = evaluation.run_evaluation(workdir, "tagi", "synthetic", print_fn=None)
+    again = runner.run_evaluation(workdir, "tagi", "synthetic", print_fn=None)
     assert again["unseen"]["adapters_generated"] == 0 and again["seen"]["adapters_generated"] == 0
     assert again["unseen"]["adapters_reused"] == 2
     # Only some tasks.
     task = lines[0]["task_name"]
-    only = evaluation.run_evaluation(workdir, "tagi", "synthetic", tasks=[task], print_fn=None)
+    only = runner.run_evaluation(workdir, "tagi", "synthetic", tasks=[task], print_fn=None)
     assert list(only) == ["unseen"] and only["unseen"]["num_tasks"] == 1
 
     # The command line, end to end (a fresh process: the adapters come from the work directory's cache).
@@ -381,26 +391,27 @@ def test_bad_inputs_give_clear_errors(fused, vocab, tmp_path):
     examples = task_examples("sort", *TASKS["sort"])
     empty = [dict(ex, hyper_inputs="  ") for ex in examples]
     with pytest.raises(ValueError, match=r"instruction 0 \(task 'sort'\) is empty"):
-        evaluation.evaluate("tagi", model, params, empty, vocab, **kwargs)
+        generation.evaluate("tagi", model, params, empty, vocab, **kwargs)
     with pytest.raises(ValueError, match="instruction 1 is empty"):
-        evaluation.generate_task_adapters(model, params, ["Definition: x.", ""], vocab, 64, BATCH)
+        adapters_lib.generate_task_adapters(model, params, ["Definition: x.", ""], vocab, 64, BATCH)
     with pytest.raises(ValueError, match="unknown method 'tagii'; expected one of tagi, hint, concat, no_instruction"):
-        evaluation.evaluate("tagii", model, params, examples, vocab, **kwargs)
+        generation.evaluate("tagii", model, params, examples, vocab, **kwargs)
     with pytest.raises(KeyError, match="has no 'full_inputs' feature"):
-        evaluation.evaluate("concat", model, params, [{F.INPUTS: "x", F.TASK_NAME: "t"}], vocab, **kwargs)
+        generation.evaluate("concat", model, params, [{F.INPUTS: "x", F.TASK_NAME: "t"}], vocab, **kwargs)
     with pytest.raises(ValueError, match="unknown task or mixture 'no_such_task'"):
-        evaluation.task_examples("no_such_task")
-    bench = evaluation.Benchmark("synthetic", {"unseen": ["a_task"], "seen": ["b_task"]}, {})
+        batches.eval_examples("no_such_task")
+    bench = benchmarks.Benchmark(name="synthetic", vocabulary=vocab, categories={},
+                                 eval_splits={"unseen": ("a_task",), "seen": ("b_task",)})
     with pytest.raises(ValueError, match="unknown task 'c_task' for benchmark 'synthetic'"):
-        evaluation.select_tasks(bench, ["c_task"])
+        bench.select(["c_task"])
     bad_label = [dict(ex, answer_choices=["yes", "no"], label=2) for ex in examples]
     with pytest.raises(ValueError, match="has label 2 but 2 answer choices"):
-        evaluation.evaluate_rank_classification("tagi", model, params, bad_label, vocab, lengths=LENGTHS,
+        rank_classification.evaluate_rank_classification("tagi", model, params, bad_label, vocab, lengths=LENGTHS,
                                                 batch_size=BATCH)
     with pytest.raises(FileNotFoundError, match="work directory not found"):
-        evaluation.run_evaluation(str(tmp_path / "nowhere"), "tagi", print_fn=None)
+        runner.run_evaluation(str(tmp_path / "nowhere"), "tagi", print_fn=None)
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        evaluation.run_evaluation(str(tmp_path / "empty"), "tagi", print_fn=None)
+        runner.run_evaluation(str(tmp_path / "empty"), "tagi", print_fn=None)
     with pytest.raises(ValueError, match="unknown benchmark 'glue'"):
-        evaluation.register_benchmark_tasks(None, "glue", vocab)
+        benchmarks.register_benchmark(config_dict.ConfigDict({"benchmark": "glue", "vocabulary": "byte"}))

@@ -11,7 +11,9 @@ import os
 import jax
 import numpy as np
 import pytest
-from tagi_jax import evaluation, export, hf
+from tagi_jax import export, hf
+from tagi_jax.eval import adapters as adapters_lib
+from tagi_jax.eval import decode as decode_lib
 from tagi_jax.models import lora, tagi
 from tagi_jax.models.hypernet import HyperNetConfig
 from tagi_jax.models.t5 import T5
@@ -75,7 +77,7 @@ def no_fusion(tmp_path_factory):
 def test_exported_adapter_gives_peft_the_same_logits(no_fusion, vocab, tmp_path):
     model, params, hf_dir = no_fusion
     instruction = "Definition: Reverse the order of the words.\n\n"
-    table = evaluation.generate_task_adapters(model, params, [instruction, "Definition: Sort the numbers."],
+    table = adapters_lib.generate_task_adapters(model, params, [instruction, "Definition: Sort the numbers."],
                                               vocab, HYPER_LEN, batch_size=4)
     adapter = table.adapter(instruction)
     out = export.export_peft_adapter(adapter, str(tmp_path / "adapter"), model.config.t5,
@@ -118,7 +120,7 @@ def test_every_block_type_maps_to_its_hf_module(vocab, tmp_path):
     targets = ("encoder_self.k", "encoder_self.o", "encoder_ffn.wi", "decoder_self.q", "decoder_cross.k",
                "decoder_cross.o", "decoder_ffn.wo")
     model, params = build("none", t5=t5, targets=targets, seed=5)
-    tokens, _ = evaluation.tokenize(vocab, ["Definition: Count the vowels."], HYPER_LEN)
+    tokens, _ = decode_lib.tokenize(vocab, ["Definition: Count the vowels."], HYPER_LEN)
     adapters, _, _ = jax.jit(functools.partial(tagi.generate_adapters, model))(params, tokens)  # batch axis of 1
     hf_dir, out = str(tmp_path / "hf"), str(tmp_path / "adapter")
     hf.save_t5_hf(hf_dir, t5, jax.device_get(params["t5"]))
@@ -161,7 +163,7 @@ def test_adapter_written_by_peft_loads_into_our_model(no_fusion, tmp_path):
                                             ("encoder_cross_attention", "every encoder layer")])
 def test_fusion_model_export_is_refused_unless_allowed(vocab, tmp_path, fusion, reader):
     model, params = build(fusion, seed=2)
-    table = evaluation.generate_task_adapters(model, params, ["Definition: Add 3 to every number."], vocab,
+    table = adapters_lib.generate_task_adapters(model, params, ["Definition: Add 3 to every number."], vocab,
                                               HYPER_LEN, batch_size=4)
     adapter = table.adapter("Definition: Add 3 to every number.")
     with pytest.raises(export.FusionNotExportable, match=f"instruction fusion.*{reader}.*allow_fusion_loss"):

@@ -12,7 +12,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from tagi_jax import feature_converter as fc
+from tagi_jax.data import feature_converter as fc
 from tagi_jax import features as F
 from tagi_jax.vocab import get_vocabulary
 
@@ -44,8 +44,8 @@ def _pretrain(mod, shared, tmp):
 
 REGISTRIES = {
     "sni": ("tasks.sni", "register_sni", _sni),
-    "synthetic": ("tasks.synthetic", "register_synthetic", _synthetic),
-    "p3": ("tasks.p3", "register_p3_eval", _p3),
+    "synthetic": ("tasks.synthetic.register", "register_synthetic", _synthetic),
+    "p3": ("tasks.p3.register", "register_p3_eval", _p3),
     "pretrain": ("tasks.pretrain", "register_pretrain", _pretrain),
 }
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import seqio
 
-from tagi_jax import feature_converter as fc
+from tagi_jax.data import feature_converter as fc
 from tagi_jax import features as F
 from tagi_jax.vocab import get_vocabulary
 from tasks.common import function_source, register_task

@@ -16,11 +16,12 @@ import pytest
 
 from flax import traverse_util
 
-from tagi_jax import decoding
+from tagi_jax.models import predict as predict_lib
 from tagi_jax import features as F
 from tagi_jax import losses, partitioning
 from tagi_jax.models import lora, tagi
-from tagi_jax.models.hypernet import HyperNetConfig, masked_mean_pool, target_spec
+from tagi_jax.models.hypernet import HyperNetConfig, masked_mean_pool
+from tagi_jax.models.lora import target_spec
 from tagi_jax.models.t5 import T5, is_encoder_fusion_param
 from tagi_jax.models.t5_config import tiny_config
 
@@ -344,7 +345,7 @@ def test_encoder_fusion_greedy_decoding_equals_full_forward_argmax(fusion_params
     batch = make_batch()
     inputs = jitted("student_decoding_inputs", ENC_FUSION)(p, batch)
     assert inputs["extra_encoder_states"] is None and inputs["encoder_fusion_states"] is not None
-    predict = jax.jit(functools.partial(decoding.predict, T5(T5CFG)), static_argnames=("max_decode_len",))
+    predict = jax.jit(functools.partial(predict_lib.predict, T5(T5CFG)), static_argnames=("max_decode_len",))
     tokens, _ = predict(p["t5"], **inputs, max_decode_len=steps, eos_id=-1)  # no EOS: all steps compared
     run = jitted("student_logits", ENC_FUSION)
     dec = np.zeros((B, steps), np.int32)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tagi_jax import optim, train_state
+from tagi_jax.trainer import optim, train_state
 from tagi_jax.config import ConfigError
 
 

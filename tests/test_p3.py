@@ -11,9 +11,14 @@ import pytest
 import seqio
 
 from tagi_jax import features as F
-from tagi_jax.metrics import MTEST11, group_choice_scores, rank_classification_accuracy
+from tagi_jax.metrics import group_choice_scores, rank_classification_accuracy
 from tagi_jax.vocab import get_vocabulary
-from tasks import common, p3
+from tasks import common
+from tasks.p3 import datasets as p3_datasets
+from tasks.p3 import register as p3_register
+from tasks.p3 import render as p3_render
+from tasks.p3 import templates as p3_templates
+from tasks.p3.datasets import MTEST11
 
 # T0's held-out templates with metadata.original_task (promptsource 0.2.3).
 ORIGINAL_TASK_TEMPLATES = {"rte": 10, "cb": 15, "copa": 12, "wic": 10, "wsc": 10, "anli_r1": 15, "hellaswag": 4,
@@ -27,19 +32,21 @@ def dirs(shared_data):
 
 
 def _templates(templates_dir, dataset):
-    spec = p3.P3_EVAL_DATASETS[dataset]
-    return {t.name: t for t in p3.load_templates(templates_dir, spec.templates).select(True)}
+    spec = p3_datasets.P3_EVAL_DATASETS[dataset]
+    return {t.name: t for t in p3_templates.load_templates(templates_dir, spec.templates).select(True)}
 
 
 def _rows(data_dir, dataset):
-    spec = p3.P3_EVAL_DATASETS[dataset]
-    return p3._read_jsonl(os.path.join(data_dir, dataset, "validation.jsonl"), spec.from_raw, spec.required_fields)
+    spec = p3_datasets.P3_EVAL_DATASETS[dataset]
+    return p3_datasets._read_jsonl(os.path.join(data_dir, dataset, "validation.jsonl"), spec.from_raw,
+                                   spec.required_fields)
 
 
 def _render(dirs, dataset, template_name, row):
-    spec = p3.P3_EVAL_DATASETS[dataset]
+    spec = p3_datasets.P3_EVAL_DATASETS[dataset]
     template = _templates(dirs[0], dataset)[template_name]
-    return p3.render_example(template, _rows(dirs[1], dataset)[row], spec.instance_fields, "t", with_choices=True)
+    return p3_render.render_example(template, _rows(dirs[1], dataset)[row], spec.instance_fields, "t",
+                                    with_choices=True)
 
 
 def _gold_label(dataset, ex):
@@ -66,10 +73,10 @@ def test_template_yaml_tags_are_parsed(dirs):
 def test_missing_templates_dir_is_a_clear_error(tmp_path):
     missing = str(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="promptsource templates directory not found"):
-        p3.register_p3_eval(missing, str(tmp_path), VOCAB)
+        p3_register.register_p3_eval(missing, str(tmp_path), VOCAB)
     (tmp_path / "templates").mkdir()
     with pytest.raises(FileNotFoundError, match="no promptsource templates for 'super_glue/rte'"):
-        p3.register_p3_eval(str(tmp_path / "templates"), str(tmp_path), VOCAB, datasets=["rte"])
+        p3_register.register_p3_eval(str(tmp_path / "templates"), str(tmp_path), VOCAB, datasets=["rte"])
 
 
 # ------------------------------------------------------------------------------------------------ golden renders
@@ -154,20 +161,20 @@ def test_wic_wsc_winogrande_storycloze_anli_golden(dirs):
 def test_wsc_fixed_span_normalisation(dirs):
     rows = _rows(dirs[1], "wsc")
     assert all(ex["span1_text"] in ex["text"] and ex["span2_text"] in ex["text"] for ex in rows)
-    fixed = p3.fix_wsc_spans({"text": "Then the table fell over because it was old.", "span1_index": 1,
-                              "span1_text": "The table.", "span2_index": 5, "span2_text": "it"})
+    fixed = p3_datasets.fix_wsc_spans({"text": "Then the table fell over because it was old.", "span1_index": 1,
+                                       "span1_text": "The table.", "span2_index": 5, "span2_text": "it"})
     assert fixed["span1_text"] == "the table"
 
 
 @pytest.mark.parametrize("dataset", [d for d in MTEST11 if d != "hellaswag"])
 def test_answer_choices_line_up_with_labels(dirs, dataset):
     """Every original-task template, first 25 rows: target == answer_choices[label] == the dataset's label."""
-    spec = p3.P3_EVAL_DATASETS[dataset]
+    spec = p3_datasets.P3_EVAL_DATASETS[dataset]
     rows = _rows(dirs[1], dataset)[:25]
     rendered = 0
     for template in _templates(dirs[0], dataset).values():
         for ex in rows:
-            out = p3.render_example(template, ex, spec.instance_fields, "t", with_choices=True)
+            out = p3_render.render_example(template, ex, spec.instance_fields, "t", with_choices=True)
             if out is None:
                 continue
             rendered += 1
@@ -190,13 +197,13 @@ HELLASWAG_ROW = {
 def test_hellaswag_mapping_and_render(dirs, tmp_path):
     (tmp_path / "hellaswag").mkdir()
     (tmp_path / "hellaswag" / "validation.jsonl").write_text(json.dumps(HELLASWAG_ROW) + "\n")
-    reg = p3.register_p3_eval(dirs[0], str(tmp_path), VOCAB, datasets=["hellaswag"], mixture_name="hs_test")
+    reg = p3_register.register_p3_eval(dirs[0], str(tmp_path), VOCAB, datasets=["hellaswag"], mixture_name="hs_test")
     assert len(reg["hellaswag"]) == 4
-    spec = p3.P3_EVAL_DATASETS["hellaswag"]
+    spec = p3_datasets.P3_EVAL_DATASETS["hellaswag"]
     ex = spec.from_raw(HELLASWAG_ROW)
     assert ex["label"] == "3"  # HF keeps the label as a string
     templates = _templates(dirs[0], "hellaswag")
-    out = p3.render_example(templates["complete_first_then"], ex, spec.instance_fields, "t", True)
+    out = p3_render.render_example(templates["complete_first_then"], ex, spec.instance_fields, "t", True)
     assert out[F.FULL_INPUTS] == (
         "Complete the description with an appropriate ending:\nFirst, a man is sitting on a roof. Then, he ...\n\n"
         "(a) is using wrap to wrap a pair of skis.\n\n(b) is ripping level tiles off.\n\n"
@@ -210,8 +217,8 @@ def test_hellaswag_mapping_and_render(dirs, tmp_path):
     assert (out[F.TARGETS], out["label"]) == ("starts pulling up roofing on a roof.", 3)
     # The randomised template picks its prompt from the example deterministically, the same in both renders.
     randomized = templates["Randomized prompts template"]
-    a = p3.render_example(randomized, ex, spec.instance_fields, "t", True)
-    assert a == p3.render_example(randomized, ex, spec.instance_fields, "t", True)
+    a = p3_render.render_example(randomized, ex, spec.instance_fields, "t", True)
+    assert a == p3_render.render_example(randomized, ex, spec.instance_fields, "t", True)
     assert a[F.FULL_INPUTS].split("\n")[0] == a[F.HYPER_INPUTS].split("\n")[0]
 
 
@@ -219,7 +226,7 @@ def test_hellaswag_mapping_and_render(dirs, tmp_path):
 @pytest.fixture(scope="module")
 def registered(dirs):
     with pytest.warns(UserWarning, match="'hellaswag' skipped"):
-        return p3.register_p3_eval(dirs[0], dirs[1], VOCAB)
+        return p3_register.register_p3_eval(dirs[0], dirs[1], VOCAB)
 
 
 def test_register_eval_all_present_datasets(registered):
@@ -250,7 +257,7 @@ def test_registered_task_dataset_and_rank_classification(registered):
     assert first["answer_choices"][first["label"]] == first["targets_pretokenized"]
     assert first["targets"][-1] == VOCAB.eos_id
     # One row per choice; scoring each choice 1.0 if correct else 0.0 must give 100% back.
-    expanded = list(p3.expand_rank_classification(ds, VOCAB).as_numpy_iterator())
+    expanded = list(p3_render.expand_rank_classification(ds, VOCAB).as_numpy_iterator())
     assert len(expanded) == sum(len(r["answer_choices"]) for r in rows)
     assert expanded[1]["targets_pretokenized"] == rows[0]["answer_choices"][1]
     assert list(expanded[1]["targets"]) == list(VOCAB.encode(rows[0]["answer_choices"][1].decode())) + [1]
@@ -266,22 +273,22 @@ def test_bad_rows_name_file_line_and_field(dirs, tmp_path):
     path = tmp_path / "rte" / "validation.jsonl"
     path.write_text(json.dumps({"premise": "p.", "hypothesis": "h.", "label": "entailment", "idx": 0}) + "\n"
                     + json.dumps({"premise": "p.", "label": "entailment", "idx": 1}) + "\n")
-    reg = p3.register_p3_eval(dirs[0], str(tmp_path), VOCAB, datasets=["rte"], mixture_name="bad_rte")
+    reg = p3_register.register_p3_eval(dirs[0], str(tmp_path), VOCAB, datasets=["rte"], mixture_name="bad_rte")
     task = seqio.get_mixture_or_task(reg["rte"][0])
     with pytest.raises(Exception, match=r"validation.jsonl:2: missing field 'hypothesis'"):
         list(task.get_dataset(sequence_length=None, split="validation", shuffle=False).as_numpy_iterator())
-    spec = p3.P3_EVAL_DATASETS["rte"]
+    spec = p3_datasets.P3_EVAL_DATASETS["rte"]
     path.write_text(json.dumps({"premise": "p.", "hypothesis": "h.", "label": "maybe", "idx": 0}) + "\n")
     with pytest.raises(ValueError, match=r"validation.jsonl:1: unknown label 'maybe'"):
-        list(p3._iter_jsonl(str(path), spec.from_raw, spec.required_fields))
+        list(p3_datasets._iter_jsonl(str(path), spec.from_raw, spec.required_fields))
 
 
 def test_missing_data_skips_with_warning_and_unknown_dataset(dirs, tmp_path):
     with pytest.warns(UserWarning, match="'cb' skipped: no data at"):
         with pytest.raises(FileNotFoundError, match="no data found"):
-            p3.register_p3_eval(dirs[0], str(tmp_path), VOCAB, datasets=["cb"])
+            p3_register.register_p3_eval(dirs[0], str(tmp_path), VOCAB, datasets=["cb"])
     with pytest.raises(ValueError, match="unknown dataset"):
-        p3.register_p3_eval(dirs[0], str(tmp_path), VOCAB, datasets=["boolq"])
+        p3_register.register_p3_eval(dirs[0], str(tmp_path), VOCAB, datasets=["boolq"])
 
 
 # ------------------------------------------------------------------------------------------------ training registry
@@ -334,8 +341,8 @@ def _examples(task_name, split):
 def test_register_p3_train_from_jsonl(toy):
     templates_dir, data_dir = toy
     with pytest.warns(UserWarning, match="'absent' skipped"):
-        reg = p3.register_p3_train(templates_dir, data_dir, ["toy", "absent"], VOCAB, splits=("train", "validation"),
-                                   mixture_name="toy_train")
+        reg = p3_register.register_p3_train(templates_dir, data_dir, ["toy", "absent"], VOCAB,
+                                            splits=("train", "validation"), mixture_name="toy_train")
     assert reg == {"toy": ["p3_train_toy_is_positive", "p3_train_toy_summarize"]}
     assert seqio.get_mixture_or_task("p3_train_toy_summarize").splits == ("train",)  # no choices: no eval split
     train = _examples("p3_train_toy_is_positive", "train")
@@ -361,12 +368,12 @@ def test_register_p3_train_from_jsonl(toy):
 
 def test_register_p3_train_options(toy):
     templates_dir, data_dir = toy
-    reg = p3.register_p3_train(templates_dir, data_dir, ["toy"], VOCAB, original_task_only=True,
-                               max_examples_per_task=2, mixture_name="toy_train_small")
+    reg = p3_register.register_p3_train(templates_dir, data_dir, ["toy"], VOCAB, original_task_only=True,
+                                        max_examples_per_task=2, mixture_name="toy_train_small")
     assert reg == {"toy": ["p3_train_toy_is_positive"]}
     assert len(_examples("p3_train_toy_is_positive", "train")) == 2
     with pytest.raises(ValueError, match="field_maps names datasets not in dataset_names"):
-        p3.register_p3_train(templates_dir, data_dir, ["toy"], VOCAB, field_maps={"other": dict})
+        p3_register.register_p3_train(templates_dir, data_dir, ["toy"], VOCAB, field_maps={"other": dict})
 
 
 def test_register_p3_train_t0_mixing_rates(toy):
@@ -374,7 +381,7 @@ def test_register_p3_train_t0_mixing_rates(toy):
     templates_dir, data_dir = toy
 
     def rates(**kwargs):
-        p3.register_p3_train(templates_dir, data_dir, ["toy"], VOCAB, mixture_name="toy_mix", **kwargs)
+        p3_register.register_p3_train(templates_dir, data_dir, ["toy"], VOCAB, mixture_name="toy_mix", **kwargs)
         mixture = seqio.get_mixture_or_task("toy_mix")
         return [mixture.get_rate(t) for t in mixture.tasks]
 
@@ -397,16 +404,18 @@ def test_registration_reads_no_data_and_no_network(dirs, toy, monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     importlib.reload(importlib.import_module("tagi_jax.metrics"))  # import time: no network either
-    importlib.reload(p3)
-    monkeypatch.setattr(p3, "_iter_jsonl", no_reading)
-    monkeypatch.setattr(p3, "_iter_tfds", no_reading)
+    for module in (p3_templates, p3_datasets, p3_render, p3_register):  # import time too, in dependency order
+        importlib.reload(module)
+    monkeypatch.setattr(p3_datasets, "_iter_jsonl", no_reading)
+    monkeypatch.setattr(p3_datasets, "_iter_tfds", no_reading)
     with pytest.warns(UserWarning):
-        p3.register_p3_eval(dirs[0], dirs[1], VOCAB, mixture_name="lazy_eval")
+        p3_register.register_p3_eval(dirs[0], dirs[1], VOCAB, mixture_name="lazy_eval")
     with pytest.warns(UserWarning, match="no TFDS version"):
-        reg = p3.register_p3_eval(dirs[0], None, VOCAB, datasets=["rte", "story_cloze"], use_tfds=True,
-                                  mixture_name="lazy_tfds")
+        reg = p3_register.register_p3_eval(dirs[0], None, VOCAB, datasets=["rte", "story_cloze"], use_tfds=True,
+                                           mixture_name="lazy_tfds")
     assert list(reg) == ["rte"]
-    monkeypatch.setattr(p3, "_count_records", no_reading)
-    p3.register_p3_train(toy[0], toy[1], ["toy"], VOCAB, tfds_names={}, mixing_cap=10, mixture_name="lazy_train")
-    p3.register_p3_train(toy[0], None, ["toy"], VOCAB, tfds_names={"toy": "imdb_reviews:1.0.0"},
-                         mixture_name="lazy_train_tfds")
+    monkeypatch.setattr(p3_datasets, "_count_records", no_reading)
+    p3_register.register_p3_train(toy[0], toy[1], ["toy"], VOCAB, tfds_names={}, mixing_cap=10,
+                                  mixture_name="lazy_train")
+    p3_register.register_p3_train(toy[0], None, ["toy"], VOCAB, tfds_names={"toy": "imdb_reviews:1.0.0"},
+                                  mixture_name="lazy_train_tfds")

@@ -13,11 +13,17 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tagi_jax import data as data_lib
-from tagi_jax import pipeline
+from tagi_jax.eval import report
+from tagi_jax.run import defaults as run_defaults
+from tagi_jax.run import pipeline
+from tagi_jax.run import stage_init
+from tagi_jax.run import stages
+from tagi_jax.run import workdir as run_workdir
+from tagi_jax.trainer import checkpoints
+from tasks.p3 import datasets as p3_datasets
 from tagi_jax.config import ConfigError, load_config
 from tagi_jax.jsonl import iter_jsonl
-from tagi_jax.metrics import MTEST11
+from tasks.p3.datasets import MTEST11
 from tagi_jax.models.t5 import is_encoder_fusion_param
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,10 +39,10 @@ def tiny_config(steps: int = 2):
     c.tagi.update(dict(teacher_rank=2, teacher_alpha=4.0))
     c.data.synthetic.update(dict(num_train_tasks=6, num_unseen_tasks=3, train_instances_per_task=8,
                                  eval_instances_per_task=2))
-    c.pipeline.stages = pipeline.STAGES  # every stage, each from its default predecessor
-    for stage in pipeline.STAGES:
+    c.pipeline.stages = stages.STAGES  # every stage, each from its default predecessor
+    for stage in stages.STAGES:
         s = c.stages[stage]
-        s.init_from = pipeline.DEFAULT_INIT_FROM[stage]
+        s.init_from = stages.DEFAULT_INIT_FROM[stage]
         s.train.update(dict(steps=steps, batch_size=4, log_every=1, progress_bar=False))
         s.optimizer.update(dict(warmup_steps=0, schedule="constant"))
     c.eval.update(dict(batch_size=8, max_decode_len=8, max_examples_per_task=2))
@@ -68,7 +74,7 @@ def test_bad_config_fails_fast_naming_the_key(override, key):
         node = node[p]
     node[leaf] = value
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        pipeline.validate(c)
+        run_defaults.validate(c)
 
 
 def test_unknown_override_is_rejected_by_name():
@@ -90,13 +96,13 @@ def test_launch_rejects_unknown_key_before_any_work(tmp_path):
 
 
 def test_demo_config_is_valid():
-    pipeline.validate(load_config(DEMO))
+    run_defaults.validate(load_config(DEMO))
 
 
 def test_encoder_fusion_config_is_valid():
     c = load_config(DEMO, ["tagi.fusion=encoder_cross_attention"])
-    pipeline.validate(c)
-    assert pipeline.tagi_config(c, num_teachers=1).fusion == "encoder_cross_attention"
+    run_defaults.validate(c)
+    assert run_defaults.tagi_config(c, num_teachers=1).fusion == "encoder_cross_attention"
 
 
 def _fusion_paths(tree) -> list:
@@ -106,16 +112,16 @@ def _fusion_paths(tree) -> list:
 def test_encoder_fusion_blocks_live_and_train_only_in_student_stages():
     """Stages that run the student hold (and train) the encoder-fusion blocks; the backbone, the baselines,
     the teachers and the finetune teacher have none. Freezing "t5" never freezes them, and vice versa."""
-    from tagi_jax import optim
+    from tagi_jax.trainer import optim
 
-    cfg = pipeline.tagi_config(load_config(DEMO, ["tagi.fusion=encoder_cross_attention"]), num_teachers=2)
-    for stage in pipeline.STAGES:
-        tree = jax.eval_shape(lambda r: nn.meta.unbox(pipeline.stage_init_fn(stage, cfg)(r)), jax.random.key(0))
+    cfg = run_defaults.tagi_config(load_config(DEMO, ["tagi.fusion=encoder_cross_attention"]), num_teachers=2)
+    for stage in stages.STAGES:
+        tree = jax.eval_shape(lambda r: nn.meta.unbox(stages.stage_init_fn(stage, cfg)(r)), jax.random.key(0))
         student = tree["student"] if stage == "finetune" else tree
-        assert bool(_fusion_paths(student)) == (stage in pipeline.FUSION_STAGES), stage
+        assert bool(_fusion_paths(student)) == (stage in stages.FUSION_STAGES), stage
         if stage == "finetune":
             assert not _fusion_paths(tree["teacher"])
-        labels = traverse_util.flatten_dict(optim.parameter_labels(tree, pipeline._frozen_patterns(stage)))
+        labels = traverse_util.flatten_dict(optim.parameter_labels(tree, stages.frozen_patterns(stage)))
         for path, label in labels.items():
             sub = path[1:] if stage == "finetune" else path
             if path[0] == "teacher":
@@ -123,8 +129,8 @@ def test_encoder_fusion_blocks_live_and_train_only_in_student_stages():
             elif is_encoder_fusion_param(sub):
                 assert label != "frozen", (stage, path)  # only present where it is trained
             elif sub[0] == "t5":
-                assert (label != "frozen") == ("t5" in pipeline.STAGE_TRAINS[stage]), (stage, path)
-    t5_re, fusion_re = (re.compile(pipeline._SUBTREE_PATTERNS[k]) for k in ("t5", "fusion"))
+                assert (label != "frozen") == ("t5" in stages.STAGE_TRAINS[stage]), (stage, path)
+    t5_re, fusion_re = (re.compile(stages.SUBTREE_PATTERNS[k]) for k in ("t5", "fusion"))
     fusion_path = "t5/encoder/layers_3/instruction_attention/out/kernel"
     assert fusion_re.match(fusion_path) and not t5_re.match(fusion_path)
     assert t5_re.match("t5/encoder/layers_3/attention/out/kernel") and not fusion_re.match("t5/encoder/encoder_norm/scale")
@@ -145,7 +151,7 @@ def test_hf_import_into_an_encoder_fusion_model_keeps_the_backbone_function(tmp_
     cfg = tagi.TAGIConfig(t5=t5_cfg, fusion="encoder_cross_attention")
     fresh = nn.meta.unbox(jax.jit(lambda r: tagi.init_params(cfg, r))(jax.random.key(0)))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), fresh)
-    t5 = pipeline._overlay_host(fresh["t5"], host, abstract["t5"], "the checkpoint", "pretrain")
+    t5 = stage_init.overlay_host(fresh["t5"], host, abstract["t5"], "the checkpoint", "pretrain")
     flat, imported = traverse_util.flatten_dict(t5), traverse_util.flatten_dict(host)
     assert set(flat) == set(imported) | set(_fusion_paths(fresh["t5"]))
     for path, value in imported.items():
@@ -159,7 +165,7 @@ def test_hf_import_into_an_encoder_fusion_model_keeps_the_backbone_function(tmp_
     np.testing.assert_array_equal(logits["encoder_cross_attention"], logits["none"])
     del host["encoder"]["layers_0"]["mlp"]
     with pytest.raises(ConfigError, match="no parameter 'encoder/layers_0/mlp/"):
-        pipeline._overlay_host(fresh["t5"], host, abstract["t5"], "the checkpoint", "pretrain")
+        stage_init.overlay_host(fresh["t5"], host, abstract["t5"], "the checkpoint", "pretrain")
 
 
 @pytest.fixture(scope="module")
@@ -171,16 +177,16 @@ def tiny_run(tmp_path_factory):
 
 def test_every_stage_trains_and_summary_is_written(tiny_run):
     workdir, result = tiny_run
-    assert [r["stage"] for r in result["stages"]] == list(pipeline.STAGES)
+    assert [r["stage"] for r in result["stages"]] == list(stages.STAGES)
     assert all(r["step"] == 2 for r in result["stages"])
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
-    assert set(summary) == set(pipeline.METHODS)
-    for method in pipeline.METHODS:
+    assert set(summary) == set(stages.METHODS)
+    for method in stages.METHODS:
         for split in ("unseen", "seen"):
             m = summary[method][split]
             assert 0.0 <= m["rougeL"] <= 100.0 and 0.0 <= m["exact_match"] <= 100.0
-    for stage in pipeline.STAGES:
+    for stage in stages.STAGES:
         log = os.path.join(workdir, stage, "metrics.jsonl")
         rows = [json.loads(line) for line in open(log)]
         assert rows and np.isfinite(rows[-1]["loss"])
@@ -193,12 +199,12 @@ def test_every_stage_trains_and_summary_is_written(tiny_run):
 def test_stages_hand_their_parameters_on(tiny_run):
     """A stage starts from its `init_from` stage: frozen subtrees arrive bit-identical."""
     workdir, _ = tiny_run
-    _, _, hint = pipeline.load_trained(workdir, "hint")
-    _, _, concat = pipeline.load_trained(workdir, "concat")
+    _, _, hint = run_workdir.load_trained(workdir, "hint")
+    _, _, concat = run_workdir.load_trained(workdir, "concat")
     # `concat` freezes the hypernetwork, so it still holds the run's fresh initialisation; `hint` trained its own.
     assert not jax.tree_util.tree_all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
                                                    hint["hypernet"], concat["hypernet"]))
-    _, _, tagi = pipeline.load_trained(workdir, "tagi")
+    _, _, tagi = run_workdir.load_trained(workdir, "tagi")
     # The student's teacher table is frozen and carried; the teachers stage's table lives in the frozen teacher.
     assert set(tagi) >= {"t5", "hypernet"}
 
@@ -217,17 +223,17 @@ def fusion_run(tmp_path_factory):
 
 
 def test_encoder_fusion_pipeline_adds_trains_and_hands_on_the_fusion_blocks(fusion_run):
-    from tagi_jax import partitioning, trainer as trainer_lib
+    from tagi_jax import partitioning
 
     workdir, c, result = fusion_run
     assert [r["step"] for r in result["stages"]] == [2, 2, 2] and set(result["summary"]) == {"hint"}
-    assert not _fusion_paths_of(trainer_lib.saved_param_paths(os.path.join(workdir, "concat")))
+    assert not _fusion_paths_of(checkpoints.saved_param_paths(os.path.join(workdir, "concat")))
     # pretrain starts from concat: its backbone exactly, plus fresh zero-output fusion blocks.
     ctx = pipeline.prepare(c, workdir)
-    abstract, _ = partitioning.abstract_with_shardings(pipeline.stage_init_fn("pretrain", ctx.model_cfg), ctx.mesh,
+    abstract, _ = partitioning.abstract_with_shardings(stages.stage_init_fn("pretrain", ctx.model_cfg), ctx.mesh,
                                                        ctx.rules, jax.random.key(0))
-    start = pipeline.build_initial_params("pretrain", ctx, type("T", (), {"abstract_params": abstract}))()
-    _, _, concat = pipeline.load_trained(workdir, "concat")
+    start = stage_init.build_initial_params("pretrain", ctx, type("T", (), {"abstract_params": abstract}))()
+    _, _, concat = run_workdir.load_trained(workdir, "concat")
     flat_start, flat_concat = traverse_util.flatten_dict(start["t5"]), traverse_util.flatten_dict(concat["t5"])
     fusion = _fusion_paths(start["t5"])
     assert fusion and set(flat_start) == set(flat_concat) | set(fusion)
@@ -236,9 +242,9 @@ def test_encoder_fusion_pipeline_adds_trains_and_hands_on_the_fusion_blocks(fusi
     outs = [p for p in fusion if p[-2:] == ("out", "kernel")]
     assert outs and not any(np.any(np.asarray(flat_start[p])) for p in outs)
     # Trained in pretrain (the output projections left zero), then carried into hint.
-    pretrained = traverse_util.flatten_dict(trainer_lib.load_params(os.path.join(workdir, "pretrain"), abstract)["t5"])
+    pretrained = traverse_util.flatten_dict(checkpoints.load_params(os.path.join(workdir, "pretrain"), abstract)["t5"])
     assert all(np.any(np.asarray(pretrained[p])) for p in outs)
-    _, _, hint = pipeline.load_trained(workdir, "hint")
+    _, _, hint = run_workdir.load_trained(workdir, "hint")
     assert set(_fusion_paths(hint["t5"])) == set(fusion)
 
 
@@ -255,9 +261,9 @@ def test_rerun_resumes_without_training_again(tiny_run):
 def test_load_trained_errors(tmp_path, tiny_run):
     workdir, _ = tiny_run
     with pytest.raises(ValueError, match="unknown method"):
-        pipeline.load_trained(workdir, "tk_instruct")
+        run_workdir.load_trained(workdir, "tk_instruct")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        pipeline.load_trained(str(tmp_path), "tagi")
+        run_workdir.load_trained(str(tmp_path), "tagi")
 
 
 # ------------------------------------------------------------------------------------------------ P3
@@ -272,7 +278,7 @@ def p3_dirs(shared_data, tmp_path_factory):
     """Directories for a P3 run: no T0 training data is shared, so `train/<path>/train.jsonl` holds rows of
     two shared held-out validation files, converted to the Hugging Face fields `register_p3_train` expects;
     `corpus/` is pretraining text made of RTE premises."""
-    from tasks import p3
+    from tasks.p3 import datasets as p3
 
     root = tmp_path_factory.mktemp("p3_data")
     premises = []
@@ -324,13 +330,13 @@ def test_bad_p3_config_fails_fast_in_one_line_naming_the_key(p3_dirs, key, value
     c = tiny_p3_config(p3_dirs)
     c.data.p3[key] = value
     with pytest.raises(ConfigError, match=message) as e:
-        pipeline.validate(c)
+        run_defaults.validate(c)
     assert "\n" not in str(e.value)
 
 
 def _dummy_p3_paths(root) -> list[str]:
     """Overrides that make configs/p3_t0.py valid: empty stand-ins for every file it names."""
-    for name in data_lib.T0_TRAIN_DATASETS:
+    for name in p3_datasets.T0_TRAIN_DATASETS:
         for sub, file in (("templates", "templates.yaml"), ("train", "train.jsonl")):
             (root / sub / name).mkdir(parents=True)
             (root / sub / name / file).touch()
@@ -346,10 +352,10 @@ def _dummy_p3_paths(root) -> list[str]:
 @pytest.mark.parametrize("size", ["base", "xl", "xxl"])
 def test_p3_t0_config_is_valid_for_every_size(size, tmp_path):
     c = load_config(f"{P3_T0}:{size}", _dummy_p3_paths(tmp_path))
-    pipeline.validate(c)
+    run_defaults.validate(c)
     # The published values the docstring attributes to T0 and the TAGI paper.
     assert c.data.benchmark == "p3" and tuple(c.data.p3.eval_datasets) == MTEST11
-    assert tuple(c.data.p3.train_datasets) == data_lib.T0_TRAIN_DATASETS and len(data_lib.T0_TRAIN_DATASETS) == 38
+    assert tuple(c.data.p3.train_datasets) == p3_datasets.T0_TRAIN_DATASETS and len(p3_datasets.T0_TRAIN_DATASETS) == 38
     assert c.data.p3.mixing_cap == 500_000 and not c.data.p3.train_original_task_only
     assert (c.data.lengths.full_inputs, c.data.lengths.targets) == (1024, 256)
     for stage in ("concat", "no_instruction", "finetune", "hint"):
@@ -362,7 +368,7 @@ def test_p3_t0_config_is_valid_for_every_size(size, tmp_path):
 
 def test_p3_t0_config_requires_the_users_paths():
     with pytest.raises(ConfigError, match=r"config key 'data\.vocabulary' is required"):
-        pipeline.validate(load_config(P3_T0))
+        run_defaults.validate(load_config(P3_T0))
 
 
 @pytest.fixture(scope="module")
@@ -377,10 +383,10 @@ def test_p3_pipeline_trains_every_stage_and_reports_accuracy(tiny_p3_run, p3_dir
     """Plumbing only (a tiny model, 2 steps a stage, two held-out validation files standing in for T0's training
     data): every stage trains on the P3 training mixture and every method gets rank-classification accuracy
     on the held-out sets in summary.json."""
-    from tasks import p3
+    from tasks.p3 import templates as p3
 
     workdir, result = tiny_p3_run
-    assert [r["stage"] for r in result["stages"]] == list(pipeline.STAGES)
+    assert [r["stage"] for r in result["stages"]] == list(stages.STAGES)
     assert all(r["step"] == 2 for r in result["stages"])
     with open(os.path.join(workdir, "tasks.json")) as f:
         tasks = json.load(f)
@@ -389,8 +395,8 @@ def test_p3_pipeline_trains_every_stage_and_reports_accuracy(tiny_p3_run, p3_dir
     assert tasks["teacher_keys"] == sorted(P3_TRAIN)  # teachers_per="category": one per dataset
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
-    assert set(summary) == set(pipeline.METHODS)
-    for method in pipeline.METHODS:
+    assert set(summary) == set(stages.METHODS)
+    for method in stages.METHODS:
         m = summary[method]["unseen"]
         assert 0.0 <= m["accuracy"] <= 100.0
         assert set(m["per_dataset"]) == set(P3_EVAL)
@@ -400,5 +406,5 @@ def test_p3_pipeline_trains_every_stage_and_reports_accuracy(tiny_p3_run, p3_dir
             records = [json.loads(line) for line in f]
         assert all((r["prediction"] == r["references"][0]) == (r["choice"] == r["label"]) for r in records)
         assert {r["task_name"].split("_")[1] for r in records} == set(P3_EVAL)
-    table = pipeline.format_summary(summary)
+    table = report.format_summary(summary)
     assert "unseen acc" in table and "MTest11" in table and "copa" in table and "ROUGE-L" not in table

@@ -10,7 +10,7 @@ import seqio
 
 from tagi_jax import features as F
 from tagi_jax.vocab import get_vocabulary
-from tasks import sni
+from tasks import formatting, sni
 
 BYTE = get_vocabulary("byte")
 
@@ -122,7 +122,7 @@ def test_categories(sni_dir):
 def test_golden_task1146(sni_dir, setting, kwargs, hyper):
     task = _load(sni_dir, "task1146_country_capital")
     n_pos, n_neg = sni.setting_counts(setting, 2, 2)
-    texts = sni.tk_instruct_texts(task, "Afghanistan", num_pos=n_pos, num_neg=n_neg, **kwargs)
+    texts = formatting.tk_instruct_texts(task, "Afghanistan", num_pos=n_pos, num_neg=n_neg, **kwargs)
     assert texts == {F.HYPER_INPUTS: hyper, F.INPUTS: INST_1146, F.FULL_INPUTS: hyper + INST_1146}
 
 
@@ -164,18 +164,18 @@ def test_examples_that_overflow_are_dropped_like_tk_instruct(sni_dir):
     neg1 = NEG_1146.split("\n\n ")[0] + "\n\n"
     # Room for exactly definition + example 1 + instance: example 2 is dropped.
     limit = nbytes(DEF_1146 + pos1 + INST_1146)
-    texts = sni.tk_instruct_texts(task, "Afghanistan", num_pos=2, num_neg=2, token_length=BYTE_LEN,
-                                  max_source_length=limit)
+    texts = formatting.tk_instruct_texts(task, "Afghanistan", num_pos=2, num_neg=2, token_length=BYTE_LEN,
+                                         max_source_length=limit)
     assert texts[F.HYPER_INPUTS] == DEF_1146 + pos1
     # The collator checks negatives against " ".join(positives): one character more than the real text, so
     # a negative that would fit exactly is still dropped (kept quirk) ...
     exact = nbytes(DEF_1146 + pos1 + pos2 + neg1 + INST_1146)
-    texts = sni.tk_instruct_texts(task, "Afghanistan", num_pos=2, num_neg=2, token_length=BYTE_LEN,
-                                  max_source_length=exact)
+    texts = formatting.tk_instruct_texts(task, "Afghanistan", num_pos=2, num_neg=2, token_length=BYTE_LEN,
+                                         max_source_length=exact)
     assert texts[F.HYPER_INPUTS] == DEF_1146 + pos1 + pos2
     # ... and kept with one more token of room.
-    texts = sni.tk_instruct_texts(task, "Afghanistan", num_pos=2, num_neg=2, token_length=BYTE_LEN,
-                                  max_source_length=exact + 1)
+    texts = formatting.tk_instruct_texts(task, "Afghanistan", num_pos=2, num_neg=2, token_length=BYTE_LEN,
+                                         max_source_length=exact + 1)
     assert texts[F.HYPER_INPUTS] == DEF_1146 + pos1 + pos2 + neg1
 
 
@@ -192,7 +192,7 @@ def test_register_drops_examples_with_max_source_length(sni_dir):
 
 def test_max_instruction_chars_cuts_the_definition(sni_dir):
     task = _load(sni_dir, "task1146_country_capital")
-    texts = sni.tk_instruct_texts(task, "Afghanistan", num_pos=0, max_instruction_chars=12)
+    texts = formatting.tk_instruct_texts(task, "Afghanistan", num_pos=0, max_instruction_chars=12)
     assert texts[F.HYPER_INPUTS] == "Definition: In this task.\n\n"  # cut to "In this task", then "." added
 
 

@@ -15,7 +15,10 @@ import pytest
 
 from tagi_jax import features as F
 from tagi_jax import metrics
-from tasks import synthetic as S
+from tasks import formatting
+from tasks.synthetic import operations as O
+from tasks.synthetic import suite as S
+from tasks.synthetic.task import SyntheticTask
 
 N_TRAIN, N_EVAL = 40, 20  # instances per task in the module suite
 
@@ -39,7 +42,7 @@ def full_suite():
 def _snapshot(suite):
     return [
         (t.name, t.definition, t.category, tuple(tuple(sorted(e.items())) for e in t.positive_examples),
-         [(i["input"], i["output"][0]) for i in t.instances(S.TEST, 5)])
+         [(i["input"], i["output"][0]) for i in t.instances(O.TEST, 5)])
         for t in suite.tasks
     ]
 
@@ -50,25 +53,25 @@ def _rows(tasks, split, n):
 
 # ----------------------------------------------------------------------------------------------- structure
 def test_golden_task_text_and_answers():
-    steps = (S.Step("reverse"), S.Step("add", 3))
-    definition = S.definition_text(S.NUMBERS, steps)
+    steps = (O.Step("reverse"), O.Step("add", 3))
+    definition = O.definition_text(O.NUMBERS, steps)
     assert definition == "Given a list of numbers, reverse the order of the numbers, then add 3 to each number."
-    assert S.parse_definition(definition) == (S.NUMBERS, steps)
-    assert S.execute(S.NUMBERS, steps, "5 1 9") == "12 4 8"
-    rule = (S.Step("any_gt", 20, ("hot", "cold")),)
-    assert S.definition_text(S.NUMBERS, rule) == (
+    assert O.parse_definition(definition) == (O.NUMBERS, steps)
+    assert O.execute(O.NUMBERS, steps, "5 1 9") == "12 4 8"
+    rule = (O.Step("any_gt", 20, ("hot", "cold")),)
+    assert O.definition_text(O.NUMBERS, rule) == (
         "Given a list of numbers, answer hot if any number is greater than 20, otherwise answer cold.")
-    assert [S.execute(S.NUMBERS, rule, x) for x in ("3 25 7", "3 20 7")] == ["hot", "cold"]
-    swap = (S.Step("replace_letter", ("a", "o")),)
-    assert S.execute(S.WORDS, swap, "cat map dog") == "cot mop dog"
-    assert S.execute(S.WORDS, swap, "dog sun") is None  # nothing to replace: not an instance
-    assert S.execute(S.NUMBERS, (S.Step("keep_gt", 40),), "3 25 7") is None  # empty answer: not an instance
+    assert [O.execute(O.NUMBERS, rule, x) for x in ("3 25 7", "3 20 7")] == ["hot", "cold"]
+    swap = (O.Step("replace_letter", ("a", "o")),)
+    assert O.execute(O.WORDS, swap, "cat map dog") == "cot mop dog"
+    assert O.execute(O.WORDS, swap, "dog sun") is None  # nothing to replace: not an instance
+    assert O.execute(O.NUMBERS, (O.Step("keep_gt", 40),), "3 25 7") is None  # empty answer: not an instance
 
 
 def test_golden_tk_instruct_features():
-    task = S.SyntheticTask(
-        name="reverse_then_add_3", definition=S.definition_text(S.NUMBERS, (S.Step("reverse"), S.Step("add", 3))),
-        category="composition", kind=S.NUMBERS, steps=(S.Step("reverse"), S.Step("add", 3)),
+    task = SyntheticTask(
+        name="reverse_then_add_3", definition=O.definition_text(O.NUMBERS, (O.Step("reverse"), O.Step("add", 3))),
+        category="composition", kind=O.NUMBERS, steps=(O.Step("reverse"), O.Step("add", 3)),
         positive_examples=({"input": "1 2 3", "output": "6 5 4"}, {"input": "10 0", "output": "3 13"}),
         seen=True, pools=None)
     ex = S.format_example(task, {"input": "5 1 9", "output": ["12 4 8"]}, num_pos=2, with_references=True)
@@ -89,29 +92,29 @@ def test_full_suite_size_categories_and_parsable_definitions(full_suite):
     assert len(set(names)) == len(names)
     for tasks in (full_suite.train_tasks, full_suite.unseen_tasks):
         counts = collections.Counter(t.category for t in tasks)
-        assert set(counts) == set(S.CATEGORIES)
-        assert min(counts.values()) >= len(tasks) // (2 * len(S.CATEGORIES))  # roughly balanced
+        assert set(counts) == set(O.CATEGORIES)
+        assert min(counts.values()) >= len(tasks) // (2 * len(O.CATEGORIES))  # roughly balanced
     for t in full_suite.tasks:
         # The definition alone determines the task (the oracle below relies on it).
-        assert S.parse_definition(t.definition) == (t.kind, t.steps), t.name
-        assert len(t.positive_examples) == S.NUM_POSITIVE_EXAMPLES
+        assert O.parse_definition(t.definition) == (t.kind, t.steps), t.name
+        assert len(t.positive_examples) == O.NUM_POSITIVE_EXAMPLES
         assert all(t.answer(e["input"]) == e["output"] for e in t.positive_examples)
 
 
 def test_byte_lengths_within_bounds(full_suite):
     for t in full_suite.tasks:
-        assert len(t.definition.encode()) <= S.MAX_DEFINITION_BYTES, t.definition
-        splits = (S.TRAIN, S.TEST) if t.seen else (S.TEST,)
+        assert len(t.definition.encode()) <= O.MAX_DEFINITION_BYTES, t.definition
+        splits = (O.TRAIN, O.TEST) if t.seen else (O.TEST,)
         insts = [i for split in splits for i in t.instances(split, 10)] + [
             {"input": e["input"], "output": [e["output"]]} for e in t.positive_examples]
         for inst in insts:
-            assert len(inst["input"].encode()) <= S.MAX_INPUT_BYTES, (t.name, inst)
-            assert all(len(y.encode()) <= S.MAX_TARGET_BYTES for y in inst["output"]), (t.name, inst)
+            assert len(inst["input"].encode()) <= O.MAX_INPUT_BYTES, (t.name, inst)
+            assert all(len(y.encode()) <= O.MAX_TARGET_BYTES for y in inst["output"]), (t.name, inst)
         ex = S.format_example(t, insts[0], num_pos=2)
-        assert len(ex[F.HYPER_INPUTS].encode()) <= S.MAX_HYPER_BYTES, ex[F.HYPER_INPUTS]
+        assert len(ex[F.HYPER_INPUTS].encode()) <= O.MAX_HYPER_BYTES, ex[F.HYPER_INPUTS]
         # The build-time byte budget uses the pure-Python mirror of the formatter: it must agree with it.
-        assert ex[F.HYPER_INPUTS] == S.tk_instruction(t.definition, t.positive_examples[:2])
-        assert ex[F.INPUTS] == S.tk_instance(insts[0]["input"])
+        assert ex[F.HYPER_INPUTS] == formatting.tk_instruction(t.definition, t.positive_examples[:2])
+        assert ex[F.INPUTS] == formatting.tk_instance(insts[0]["input"])
 
 
 # ------------------------------------------------------------------------------------------ determinism
@@ -119,13 +122,13 @@ def test_deterministic_from_seed(suite):
     again = _build(0)
     assert _snapshot(again) == _snapshot(suite)
     t = suite.train_tasks[0]
-    assert t.instances(S.TRAIN, N_TRAIN) == again.task(t.name).instances(S.TRAIN, N_TRAIN)
-    assert t.instances(S.TRAIN, N_TRAIN, seed=1) != t.instances(S.TRAIN, N_TRAIN)
+    assert t.instances(O.TRAIN, N_TRAIN) == again.task(t.name).instances(O.TRAIN, N_TRAIN)
+    assert t.instances(O.TRAIN, N_TRAIN, seed=1) != t.instances(O.TRAIN, N_TRAIN)
     other = _build(1)
     assert other.task_names != suite.task_names
     common = [n for n in suite.task_names if n in set(other.task_names)]
     assert common, "seeds 0 and 1 share no task to compare"
-    assert any(suite.task(n).instances(S.TEST, 10) != other.task(n).instances(S.TEST, 10) for n in common)
+    assert any(suite.task(n).instances(O.TEST, 10) != other.task(n).instances(O.TEST, 10) for n in common)
 
 
 # --------------------------------------------------------------------------------------------- disjoint
@@ -149,25 +152,25 @@ def test_train_and_unseen_tasks_disjoint(full_suite):
 
 
 def test_instances_disjoint_and_unseen_has_no_train_split(suite):
-    train_inputs = {i["input"] for t in suite.train_tasks for i in t.instances(S.TRAIN, N_TRAIN)}
-    test_inputs = {i["input"] for t in suite.tasks for i in t.instances(S.TEST, N_EVAL)}
+    train_inputs = {i["input"] for t in suite.train_tasks for i in t.instances(O.TRAIN, N_TRAIN)}
+    test_inputs = {i["input"] for t in suite.tasks for i in t.instances(O.TEST, N_EVAL)}
     shown = {e["input"] for t in suite.tasks for e in t.positive_examples}
     assert train_inputs and test_inputs
     assert not train_inputs & test_inputs
     assert not shown & (train_inputs | test_inputs)
     for t in suite.train_tasks[:10]:
-        assert len(t.instances(S.TRAIN, N_TRAIN)) == N_TRAIN and len(t.instances(S.TEST, N_EVAL)) == N_EVAL
+        assert len(t.instances(O.TRAIN, N_TRAIN)) == N_TRAIN and len(t.instances(O.TEST, N_EVAL)) == N_EVAL
     with pytest.raises(ValueError, match="unseen task"):
-        suite.unseen_tasks[0].instances(S.TRAIN, 5)
+        suite.unseen_tasks[0].instances(O.TRAIN, 5)
     with pytest.raises(ValueError, match="unknown split"):
         suite.train_tasks[0].instances("validation", 5)
 
 
 # ------------------------------------------------------------------------------------ instruction matters
 def test_same_input_in_many_tasks_with_different_answers(suite):
-    for tasks, split, n, min_tasks in ((suite.train_tasks, S.TRAIN, N_TRAIN, 4),
-                                       (suite.train_tasks, S.TEST, N_EVAL, 10),
-                                       (suite.unseen_tasks, S.TEST, N_EVAL, 5)):
+    for tasks, split, n, min_tasks in ((suite.train_tasks, O.TRAIN, N_TRAIN, 4),
+                                       (suite.train_tasks, O.TEST, N_EVAL, 10),
+                                       (suite.unseen_tasks, O.TEST, N_EVAL, 5)):
         answers = collections.defaultdict(list)
         for t, x, y in _rows(tasks, split, n):
             answers[(t.kind, x)].append(y)
@@ -179,13 +182,13 @@ def test_same_input_in_many_tasks_with_different_answers(suite):
 
 def test_instruction_blind_predictor_is_bounded_far_below_the_instruction_following_oracle(suite):
     results = {}
-    for label, tasks, split, n in (("seen_train", suite.train_tasks, S.TRAIN, N_TRAIN),
-                                   ("seen_eval", suite.train_tasks, S.TEST, N_EVAL),
-                                   ("unseen_eval", suite.unseen_tasks, S.TEST, N_EVAL)):
+    for label, tasks, split, n in (("seen_train", suite.train_tasks, O.TRAIN, N_TRAIN),
+                                   ("seen_eval", suite.train_tasks, O.TEST, N_EVAL),
+                                   ("unseen_eval", suite.unseen_tasks, O.TEST, N_EVAL)):
         rows = _rows(tasks, split, n)
         refs = [[y] for _, _, y in rows]
         # Oracle: reads the definition text only.
-        oracle = [S.execute(*S.parse_definition(t.definition), x) for t, x, _ in rows]
+        oracle = [O.execute(*O.parse_definition(t.definition), x) for t, x, _ in rows]
         # Best instruction-blind predictor on this very set: the most frequent answer for each input.
         by_input = collections.defaultdict(collections.Counter)
         for t, x, y in rows:
@@ -194,7 +197,7 @@ def test_instruction_blind_predictor_is_bounded_far_below_the_instruction_follow
         em = lambda preds: 100.0 * sum(  # noqa: E731
             metrics.exact_match(p, r[0]) for p, r in zip(preds, refs)) / len(refs)
         results[label] = {"oracle_em": em(oracle), "blind_em": em(blind)}
-        if split == S.TEST:
+        if split == O.TEST:
             results[label]["blind_rougeL"] = metrics.sni_metrics(blind, refs)["rougeL"]
             results[label]["copy_rougeL"] = metrics.sni_metrics([x for _, x, _ in rows], refs)["rougeL"]
     print(results)
@@ -210,21 +213,23 @@ def test_instruction_blind_predictor_is_bounded_far_below_the_instruction_follow
 def test_seqio_tasks_round_trip_with_byte_vocabulary():
     import seqio
 
+    from tasks.synthetic.register import register_synthetic  # SeqIO/TF only for this test
+
     vocab = seqio.ByteVocabulary()
-    info = S.register_synthetic(vocab, seed=0, num_train_tasks=6, num_unseen_tasks=6,
-                                train_instances_per_task=3, eval_instances_per_task=2, prefix="syntest")
+    info = register_synthetic(vocab, seed=0, num_train_tasks=6, num_unseen_tasks=6,
+                              train_instances_per_task=3, eval_instances_per_task=2, prefix="syntest")
     suite = info["suite"]
     assert info["task_names"] == info["train_task_names"] + info["unseen_task_names"]
     assert len(info["train_task_names"]) == 6 and len(info["unseen_task_names"]) == 6
     assert set(info["categories"]) == set(info["task_names"])
-    assert set(info["categories"].values()) == set(S.CATEGORIES)
+    assert set(info["categories"].values()) == set(O.CATEGORIES)
     for key, members in (("seen_eval", info["train_task_names"]), ("unseen_eval", info["unseen_task_names"])):
         mixture = seqio.get_mixture_or_task(info["mixtures"][key])
         assert sorted(t.name for t in mixture.tasks) == sorted(members)
     # Training reads the union of the seen tasks' train splits through one task; each example keeps its task.
     train = seqio.get_mixture_or_task(info["mixtures"]["train"])
     assert [t.name for t in train.tasks] == ["syntest_seen_tasks"]
-    union = list(train.tasks[0].get_dataset(None, split=S.TRAIN, shuffle=False).as_numpy_iterator())
+    union = list(train.tasks[0].get_dataset(None, split=O.TRAIN, shuffle=False).as_numpy_iterator())
     per_task = collections.Counter(ex[F.TASK_NAME].decode() for ex in union)
     assert per_task == {name: 3 for name in info["train_task_names"]}
     # Shuffled across tasks at the source (SeqIO's buffer alone would see tasks one after another).
@@ -233,7 +238,7 @@ def test_seqio_tasks_round_trip_with_byte_vocabulary():
     first = info["train_task_names"][0]
     task0 = {S.seqio_task_name(t, "syntest"): t for t in suite.train_tasks}[first]
     assert sorted(ex[F.INPUTS + "_pretokenized"].decode() for ex in union if ex[F.TASK_NAME].decode() == first) == \
-        sorted(S.format_example(task0, inst, 2)[F.INPUTS] for inst in task0.instances(S.TRAIN, 3, seed=0))
+        sorted(S.format_example(task0, inst, 2)[F.INPUTS] for inst in task0.instances(O.TRAIN, 3, seed=0))
     reference = seqio.get_mixture_or_task(info["task_names"][0]).output_features
     assert set(reference) == set(F.TEXT_FEATURES)
     for name in info["task_names"]:
@@ -242,11 +247,11 @@ def test_seqio_tasks_round_trip_with_byte_vocabulary():
             k: (type(f.vocabulary), f.add_eos, f.dtype) for k, f in reference.items()}
 
     by_name = {S.seqio_task_name(t, "syntest"): t for t in suite.tasks}
-    checks = [(info["train_task_names"][0], S.TRAIN, 3), (info["train_task_names"][1], S.TEST, 2),
-              (info["unseen_task_names"][0], S.TEST, 2)]
+    checks = [(info["train_task_names"][0], O.TRAIN, 3), (info["train_task_names"][1], O.TEST, 2),
+              (info["unseen_task_names"][0], O.TEST, 2)]
     for name, split, n in checks:
         task = by_name[name]
-        expected = [S.format_example(task, inst, 2, with_references=split == S.TEST, task_name=name)
+        expected = [S.format_example(task, inst, 2, with_references=split == O.TEST, task_name=name)
                     for inst in task.instances(split, n, seed=0)]
         dataset = seqio.get_mixture_or_task(name).get_dataset(None, split=split, shuffle=False)
         got = list(dataset.as_numpy_iterator())
@@ -258,7 +263,7 @@ def test_seqio_tasks_round_trip_with_byte_vocabulary():
                 assert ex[f"{feat}_pretokenized"].decode() == text
                 assert ex[feat].tolist() == [b + 3 for b in text.encode()] + [vocab.eos_id]  # ids = byte + 3
                 assert vocab.decode(ex[feat].tolist()) == text
-            if split == S.TEST:
+            if split == O.TEST:
                 assert [r.decode() for r in ex[F.REFERENCES]] == want[F.REFERENCES]
             else:
                 assert F.REFERENCES not in ex
@@ -278,7 +283,7 @@ def test_bad_settings_fail_with_a_clear_message():
 
 def test_import_is_light():
     # Building a suite is pure Python too: no TensorFlow, SeqIO or JAX until tasks are registered.
-    code = ("import sys, tasks.synthetic as s; s.build_suite(0, 12, 6); "
+    code = ("import sys, tasks.synthetic.suite as s; s.build_suite(0, 12, 6); "
             "print(sorted(m for m in ('tensorflow', 'seqio', 'jax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(pathlib.Path(__file__).resolve().parent.parent))

@@ -18,7 +18,8 @@ import pytest
 
 from tagi_jax.hf import load_t5
 from tagi_jax.models import lora
-from tagi_jax.models.t5 import T5, relative_position_bucket
+from tagi_jax.models.layers import relative_position_bucket
+from tagi_jax.models.t5 import T5
 from tiny_hf import KINDS, hf_encoder_outputs, hf_logits, make_batch, random_adapters, tiny_hf_t5
 
 TOL = 1e-4

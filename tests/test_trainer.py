@@ -10,8 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tagi_jax import optim, partitioning, trainer
-from tagi_jax.train_state import TrainState
+from tagi_jax import partitioning
+from tagi_jax.trainer import optim
+from tagi_jax.trainer import checkpoints
+from tagi_jax.trainer import config as trainer_config
+from tagi_jax.trainer import steps
+from tagi_jax.trainer import trainer
+from tagi_jax.trainer.train_state import TrainState
 
 D_IN, HIDDEN, D_OUT = 4, 16, 4
 BATCH = 8
@@ -92,7 +97,7 @@ class Data:
 
 
 def make_config(**train):
-    config = trainer.default_config()
+    config = trainer_config.default_config()
     config.train.update(dict(steps=6, batch_size=BATCH, num_microbatches=1, log_every=1, checkpoint_every=3,
                              keep_checkpoints=2, eval_every=0, progress_bar=False))
     config.train.update(train)
@@ -121,7 +126,7 @@ def params0():
 
 
 def _grads(params, batch, k, fn):
-    compute = jax.jit(functools.partial(trainer.compute_gradients, loss_fn=fn, num_microbatches=k))
+    compute = jax.jit(functools.partial(steps.compute_gradients, loss_fn=fn, num_microbatches=k))
     return compute(params, batch, jax.random.key(1))
 
 
@@ -148,7 +153,7 @@ def test_train_step_with_microbatches_matches_big_batch(params0):
     det = deterministic(loss_fn)
     results = []
     for k in (1, 2):
-        step = jax.jit(functools.partial(trainer.train_step, loss_fn=det, tx=tx, num_microbatches=k, schedule=schedule))
+        step = jax.jit(functools.partial(steps.train_step, loss_fn=det, tx=tx, num_microbatches=k, schedule=schedule))
         state = TrainState.create(params0, tx)
         for s in range(3):
             state, metrics = step(state, jax.tree.map(jnp.asarray, make_batch(s)), jax.random.key(0))
@@ -230,14 +235,14 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, straight_run):
 
 def test_checkpoints_kept_and_params_loadable(straight_run):
     assert straight_run["steps"] == [3, 6]
-    params = trainer.load_params(straight_run["workdir"], straight_run["abstract"])
+    params = checkpoints.load_params(straight_run["workdir"], straight_run["abstract"])
     assert params_bytes(params) == params_bytes(straight_run["state"].params)
     # What a checkpoint holds is readable without restoring it; asking for more is an error naming the path.
     flat = jax.tree_util.tree_flatten_with_path(straight_run["abstract"])[0]
-    assert trainer.saved_param_paths(straight_run["workdir"]) == {tuple(k.key for k in p) for p, _ in flat}
+    assert checkpoints.saved_param_paths(straight_run["workdir"]) == {tuple(k.key for k in p) for p, _ in flat}
     extra = {**straight_run["abstract"], "added": jax.tree.leaves(straight_run["abstract"])[0]}
     with pytest.raises(KeyError, match="has no parameter 'added'"):
-        trainer.load_params(straight_run["workdir"], extra)
+        checkpoints.load_params(straight_run["workdir"], extra)
 
 
 def test_a_finished_run_does_nothing_more(straight_run):
@@ -331,7 +336,7 @@ def test_host_batch_slice_single_process():
 
 def test_optimizer_state_shardings_follow_parameters():
     """Adam moments get their parameter's sharding; Adafactor's factored row/column statistics are replicated."""
-    from tagi_jax import train_state
+    from tagi_jax.trainer import train_state
 
     mesh, rules = partitioning.create_mesh(4, 2), partitioning.logical_axis_rules(True)
     abstract, _ = partitioning.abstract_with_shardings(init_fn, mesh, rules, jax.random.key(0))
@@ -358,7 +363,7 @@ def test_optimizer_state_shardings_follow_parameters():
 
 
 def test_parameters_must_be_float32():
-    from tagi_jax import train_state
+    from tagi_jax.trainer import train_state
 
     with pytest.raises(ValueError, match="parameter 'head/kernel' has dtype bfloat16"):
         train_state.check_float32({"head": {"kernel": jax.ShapeDtypeStruct((2, 2), jnp.bfloat16)}})

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 
+from tagi_jax.run import defaults as run_defaults
 from tagi_jax import features as F
 from tagi_jax import vocab as V
-from tasks import synthetic as S
+from tasks.synthetic import operations as ops
+from tasks.synthetic import suite as S
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def trained(suite, tmp_path_factory):
 
 def test_every_atom_is_one_piece_and_punctuation_stands_alone(trained):
     _, vocab = trained
-    words = list(S.LEXICON) + list(S.LABEL_WORDS) + [str(n) for n in range(100)]
+    words = list(ops.LEXICON) + list(ops.LABEL_WORDS) + [str(n) for n in range(100)]
     assert [w for w in words if len(vocab.encode(w)) != 1] == []
     # The last item of an instance ends with "." in the input; the answer must copy the same piece.
     assert vocab.encode("7 32 21.")[:3] == vocab.encode("7 32 21")
@@ -49,7 +51,7 @@ def test_training_is_deterministic_and_sequences_are_short(suite, trained, tmp_p
     assert open(again, "rb").read() == open(path, "rb").read()
     longest = {k: 0 for k in F.TEXT_FEATURES}
     for task in suite.tasks:
-        for inst in task.instances(S.TEST, 3, seed=0):
+        for inst in task.instances(ops.TEST, 3, seed=0):
             ex = S.format_example(task, inst, 0)
             for k in longest:
                 longest[k] = max(longest[k], len(vocab.encode(ex[k])))
@@ -69,14 +71,13 @@ def test_trained_vocabulary_errors_name_the_key(tmp_path):
 
 def test_pipeline_rejects_trained_vocabulary_off_the_synthetic_suite_and_too_few_embeddings():
     from configs import demo
-    from tagi_jax import pipeline
     from tagi_jax.config import ConfigError
 
     c = demo.get_config()
     c.model.vocab_size = 512
     with pytest.raises(ConfigError, match="data.synthetic.vocab_size"):
-        pipeline.validate(c)
+        run_defaults.validate(c)
     c = demo.get_config()
     c.data.benchmark = "sni"
     with pytest.raises(ConfigError, match="data.vocabulary"):
-        pipeline.validate(c)
+        run_defaults.validate(c)

@@ -1,19 +1,5 @@
 """The hypernetwork: an encoded instruction in, LoRA factors for every target and layer out.
-
-Pipeline (one batched call for a batch of instructions):
-
-1. `masked_mean_pool`: the instruction's encoder states are averaged over *real* tokens only. The original
-   code averaged over padding too, so an instruction's adapter depended on how long the longest instruction
-   of its batch was.
-2. `HyperNetwork` projects the pooled vector with an MLP to an instruction code (width `embed_dim`).
-3. A trunk combines the code with a learned *layer* embedding and a learned *module* (target) embedding,
-   `z = act(W_c·code + W_l·layer + W_m·module + b)` (a dense layer on their concatenation, computed
-   without materialising it), giving one hidden vector per (example, target, layer).
-4. Per-target heads map z to A [d_in, r] and B [r, d_out]; with `share_generator_across_layers=False`
-   each layer has its own heads.
-
-The encoder itself is not part of this module: `tagi_jax.models.tagi.TAGI` encodes with the backbone's
-encoder (shared weights) and hands the states here.
+The encoder is not part of this module: `tagi_jax.models.tagi.TAGI` encodes with the backbone's encoder.
 """
 from __future__ import annotations
 
@@ -26,30 +12,6 @@ import jax.numpy as jnp
 
 from tagi_jax.models import lora
 from tagi_jax.models.t5_config import DictConfig, T5Config
-
-
-@dataclasses.dataclass(frozen=True)
-class TargetSpec:
-    """Shape and logical axis names of one adapter target."""
-    name: str
-    num_layers: int
-    d_in: int
-    d_out: int
-    in_axis: str   # logical name of d_in ('embed', 'joined_kv' or 'mlp')
-    out_axis: str  # logical name of d_out
-
-
-_AXES = {"q": ("embed", "joined_kv"), "k": ("embed", "joined_kv"), "v": ("embed", "joined_kv"),
-         "o": ("joined_kv", "embed"), "wi": ("embed", "mlp"), "wi_0": ("embed", "mlp"),
-         "wi_1": ("embed", "mlp"), "wo": ("mlp", "embed")}
-
-
-def target_spec(config: T5Config, target: str) -> TargetSpec:
-    """Layers, d_in/d_out (`lora.adapter_dims`: q/k/v d_model->inner, o inner->d_model, wi* d_model->d_ff,
-    wo d_ff->d_model) and the logical names of d_in/d_out of `target` in a T5 with `config`."""
-    layers, d_in, d_out = lora.adapter_dims(config, target)
-    _, proj = lora.split_target(target)
-    return TargetSpec(target, layers, d_in, d_out, *_AXES[proj])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +52,7 @@ class HyperNetConfig(DictConfig):
     def validate_for(self, t5: T5Config) -> None:
         """Check every target against the backbone (clear error naming the target)."""
         for target in self.adapter_targets:
-            target_spec(t5, target)
+            lora.target_spec(t5, target)
 
 
 
@@ -111,6 +73,18 @@ def _param(module: nn.Module, name: str, init, shape, axes, dtype):
 
 class HyperNetwork(nn.Module):
     """Pooled instruction states -> adapters pytree (see `tagi_jax.models.lora`).
+
+    Pipeline (one batched call for a batch of instructions):
+
+    1. `masked_mean_pool`: the instruction's encoder states are averaged over *real* tokens only. The original
+       code averaged over padding too, so an instruction's adapter depended on how long the longest instruction
+       of its batch was.
+    2. `HyperNetwork` projects the pooled vector with an MLP to an instruction code (width `embed_dim`).
+    3. A trunk combines the code with a learned *layer* embedding and a learned *module* (target) embedding,
+       `z = act(W_c·code + W_l·layer + W_m·module + b)` (a dense layer on their concatenation, computed
+       without materialising it), giving one hidden vector per (example, target, layer).
+    4. Per-target heads map z to A [d_in, r] and B [r, d_out]; with `share_generator_across_layers=False`
+       each layer has its own heads.
 
     Initialisation. Every B head (kernel and bias) starts at exactly zero and every A head is random, so
     the generated update ΔW = scale·A·B is exactly 0 at step 0 (the student starts as the backbone) while
@@ -134,7 +108,7 @@ class HyperNetwork(nn.Module):
     def __call__(self, pooled: jax.Array, enable_dropout: bool = False) -> dict[str, dict[str, jax.Array]]:
         cfg, t5 = self.config, self.t5
         dtype, pdtype = t5.jnp_dtype, t5.jnp_param_dtype
-        specs = [target_spec(t5, t) for t in cfg.adapter_targets]
+        specs = [lora.target_spec(t5, t) for t in cfg.adapter_targets]
         max_layers = max(s.num_layers for s in specs)
         normal = nn.initializers.lecun_normal()
         zeros = nn.initializers.zeros_init()
@@ -176,7 +150,7 @@ class HyperNetwork(nn.Module):
 class GeneratorHeads(nn.Module):
     """The A and B heads of one target: z [b, layers, H] -> A [b, layers, d_in, r], B [b, layers, r, d_out]."""
     config: HyperNetConfig
-    spec: TargetSpec
+    spec: lora.TargetSpec
     dtype: Any
     param_dtype: Any
 

@@ -21,11 +21,14 @@ Helpers for the T5 (tagi_jax.models.t5): `adapter_dims` (layers, d_in, d_out of 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tagi_jax.models.t5_config import T5Config
 
 ATTENTION_BLOCKS = ("encoder_self", "decoder_self", "decoder_cross")
 FFN_BLOCKS = ("encoder_ffn", "decoder_ffn")
@@ -172,6 +175,30 @@ def adapter_dims(config, target: str) -> tuple[int, int, int]:
         raise ValueError(f"adapters: target {target!r} does not exist in a {config.feed_forward_proj!r} T5 "
                          f"FFN; use {expected}")
     return layers, config.d_model, config.d_ff
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """Shape and logical axis names of one adapter target."""
+    name: str
+    num_layers: int
+    d_in: int
+    d_out: int
+    in_axis: str   # logical name of d_in ('embed', 'joined_kv' or 'mlp')
+    out_axis: str  # logical name of d_out
+
+
+_AXES = {"q": ("embed", "joined_kv"), "k": ("embed", "joined_kv"), "v": ("embed", "joined_kv"),
+         "o": ("joined_kv", "embed"), "wi": ("embed", "mlp"), "wi_0": ("embed", "mlp"),
+         "wi_1": ("embed", "mlp"), "wo": ("mlp", "embed")}
+
+
+def target_spec(config: T5Config, target: str) -> TargetSpec:
+    """Layers, d_in/d_out (`adapter_dims`: q/k/v d_model->inner, o inner->d_model, wi* d_model->d_ff,
+    wo d_ff->d_model) and the logical names of d_in/d_out of `target` in a T5 with `config`."""
+    layers, d_in, d_out = adapter_dims(config, target)
+    _, proj = split_target(target)
+    return TargetSpec(target, layers, d_in, d_out, *_AXES[proj])
 
 
 def check_adapters(config, adapters: Adapters | None, batch: int | None = None) -> None:

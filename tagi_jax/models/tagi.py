@@ -1,32 +1,6 @@
 """The TAGI model: a T5 backbone, a hypernetwork that writes its LoRA adapters, and (optionally) the table of
 stage-0 LoRA teachers, plus the pure functions of (params, batch, rng) the trainer and evaluation call.
 
-Parameter tree (top level)::
-
-    {"t5": <a plain T5 tree, tagi_jax.models.t5>,          # backbone; also encodes instructions by default
-     "hypernet": <tagi_jax.models.hypernet.HyperNetwork>,
-     "teachers": {<target>: {"A": [tasks, ...], "B": ...}},  # only if num_teachers > 0
-     "hyper_encoder": {"token_embedder", "encoder"}}         # only if separate_hyper_encoder
-
-With fusion "encoder_cross_attention" every `t5/encoder/layers_<i>` also holds the fusion sub-block
-(`pre_instruction_attention_layer_norm`, `instruction_attention`; see `tagi_jax.models.t5`).
-
-`params["t5"]` is an ordinary T5 parameter tree (plus the fusion sub-blocks above, which a Hugging Face export
-refuses), so Hugging Face imports, `lora.merge_adapter` and `tagi_jax.decoding.predict(T5(config.t5),
-params["t5"], ...)` work on it unchanged; `student_decoding_inputs` gives `predict` the generated adapters and
-the fused instruction states.
-
-Instruction fusion (`TAGIConfig.fusion`):
-* "prepend" (default, the original code's): the decoder cross-attends to the encoded instruction
-  prepended to the encoded input (`extra_encoder_states` of `T5.decode`);
-* "encoder_cross_attention" (the paper's): every encoder layer cross-attends to the encoded instruction
-  after its self-attention (`encoder_fusion_states` of `T5.encode`). The sub-block's output projection
-  starts at zero, so at initialisation the model computes what the backbone it was loaded from computed;
-* "none": the instruction reaches the model only through the generated adapters (the setting that
-  exports exactly as a PEFT LoRA).
-
-`fusion_kwargs` is the one place that routes instruction states to the T5 by fusion kind.
-
 Pure functions never jit: the trainer compiles them. Dropout is on iff an `rng` is given.
 """
 from __future__ import annotations
@@ -100,8 +74,17 @@ class TAGIConfig(DictConfig):
 
 
 def fusion_kwargs(fusion: str, states: Optional[jax.Array], mask: Optional[jax.Array]) -> dict[str, Any]:
-    """T5 keyword arguments (`__call__`, `decoding.predict`, `decoding.score_targets`) that carry the encoded
-    instruction to where `fusion` reads it: the decoder's memory ("prepend") or every encoder layer."""
+    """T5 keyword arguments (`__call__`, `predict.predict`, `predict.score_targets`) that carry the encoded
+    instruction to where `fusion` reads it: the one place that routes instruction states by fusion kind.
+
+    * "prepend" (default, the original code's): the decoder cross-attends to the encoded instruction
+      prepended to the encoded input (`extra_encoder_states` of `T5.decode`);
+    * "encoder_cross_attention" (the paper's): every encoder layer cross-attends to the encoded instruction
+      after its self-attention (`encoder_fusion_states` of `T5.encode`). The sub-block's output projection
+      starts at zero, so at initialisation the model computes what the backbone it was loaded from computed;
+    * "none": the instruction reaches the model only through the generated adapters (the setting that
+      exports exactly as a PEFT LoRA).
+    """
     prepend, encoder = fusion == "prepend", fusion == "encoder_cross_attention"
     return {
         "extra_encoder_states": states if prepend else None,
@@ -118,7 +101,23 @@ def _require(batch: Batch, key: str, what: str) -> jax.Array:
 
 
 class TAGI(nn.Module):
-    """Backbone + hypernetwork (+ teacher table). See the module docstring for the parameter tree."""
+    """Backbone + hypernetwork (+ teacher table).
+
+    Parameter tree (top level)::
+
+        {"t5": <a plain T5 tree, tagi_jax.models.t5>,          # backbone; also encodes instructions by default
+         "hypernet": <tagi_jax.models.hypernet.HyperNetwork>,
+         "teachers": {<target>: {"A": [tasks, ...], "B": ...}},  # only if num_teachers > 0
+         "hyper_encoder": {"token_embedder", "encoder"}}         # only if separate_hyper_encoder
+
+    With fusion "encoder_cross_attention" every `t5/encoder/layers_<i>` also holds the fusion sub-block
+    (`pre_instruction_attention_layer_norm`, `instruction_attention`; see `tagi_jax.models.t5`).
+
+    `params["t5"]` is an ordinary T5 parameter tree (plus the fusion sub-blocks above, which a Hugging Face
+    export refuses), so Hugging Face imports, `lora.merge_adapter` and `tagi_jax.models.predict.predict(
+    T5(config.t5), params["t5"], ...)` work on it unchanged; `student_decoding_inputs` gives `predict` the
+    generated adapters and the fused instruction states.
+    """
     config: TAGIConfig
 
     def setup(self):
@@ -281,7 +280,7 @@ def no_instruction_logits(model: TAGI, params, batch: Batch, rng: Optional[jax.A
 
 
 def student_decoding_inputs(model: TAGI, params, batch: Batch) -> dict[str, Any]:
-    """Keyword arguments for `tagi_jax.decoding.predict(T5(config.t5), params["t5"], **inputs, ...)`:
+    """Keyword arguments for `tagi_jax.models.predict.predict(T5(config.t5), params["t5"], **inputs, ...)`:
     the instance tokens, the generated adapters and the instruction states routed by `fusion_kwargs` (the
     encoder reads them once per batch under encoder fusion; the decoder every step under "prepend")."""
     adapters, states, mask = generate_adapters(

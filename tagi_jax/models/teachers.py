@@ -1,19 +1,4 @@
-"""Stage 0: a table of task-specific LoRA teachers, all trained at once.
-
-Instead of one training run per task (the original code ran 60 separate ones), every task's LoRA factors
-are rows of one table, `A: [tasks, layers, d_in, r]` and `B: [tasks, layers, r, d_out]` per target, and
-each example gathers its own task's rows by `task_id`. The result is an ordinary adapters pytree with a
-batch axis (`tagi_jax.models.lora`), so the backbone needs no special path.
-
-Why this equals separate training: gathering is linear, so the gradient of a row is the sum of the
-gradients of the examples that gathered it; rows of tasks absent from a batch get exactly zero. With a
-loss that *sums* over examples a joint SGD step is exactly the per-task steps run side by side (with a
-mean, each task's step is scaled by 1/batch). Adam is per-parameter too, so rows never mix; the one
-difference from separate runs is that a row's moment estimates (and weight decay) still tick on steps
-where its task is absent.
-
-Initialisation is PEFT's: B = 0 (so each teacher starts as the backbone) and A kaiming-uniform with
-bound 1/sqrt(d_in).
+"""Stage 0: a table of task-specific LoRA teachers, all trained at once (each example gathers its task's row).
 """
 from __future__ import annotations
 
@@ -23,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tagi_jax.models.hypernet import target_spec
+from tagi_jax.models.lora import target_spec
 from tagi_jax.models.t5_config import T5Config
 
 
@@ -43,6 +28,21 @@ class TeacherTable(nn.Module):
     Parameters mirror the adapters pytree: `{<target>: {"A": [tasks, layers, d_in, r],
     "B": [tasks, layers, r, d_out]}}` with logical axes ('tasks', 'layers', in_axis, 'lora_rank') and
     ('tasks', 'layers', 'lora_rank', out_axis).
+
+    Instead of one training run per task (the original code ran 60 separate ones), every task's LoRA factors
+    are rows of one table, `A: [tasks, layers, d_in, r]` and `B: [tasks, layers, r, d_out]` per target, and
+    each example gathers its own task's rows by `task_id`. The result is an ordinary adapters pytree with a
+    batch axis (`tagi_jax.models.lora`), so the backbone needs no special path.
+
+    Why this equals separate training: gathering is linear, so the gradient of a row is the sum of the
+    gradients of the examples that gathered it; rows of tasks absent from a batch get exactly zero. With a
+    loss that *sums* over examples a joint SGD step is exactly the per-task steps run side by side (with a
+    mean, each task's step is scaled by 1/batch). Adam is per-parameter too, so rows never mix; the one
+    difference from separate runs is that a row's moment estimates (and weight decay) still tick on steps
+    where its task is absent.
+
+    Initialisation is PEFT's: B = 0 (so each teacher starts as the backbone) and A kaiming-uniform with
+    bound 1/sqrt(d_in).
     """
     t5: T5Config
     targets: Sequence[str]

@@ -1,32 +1,5 @@
-"""Optimizers, learning-rate schedules, and parameter labels for freezing and learning-rate groups.
-
-Every parameter gets a label from its path (`"encoder/layers_0/attention/query/kernel"`, the parameter
-tree's dict keys joined by "/") and the labels drive one `optax.multi_transform`: frozen parameters get
-`optax.set_to_zero()` (and no optimizer state, which matters when the frozen part is an 11B backbone),
-each group gets the base optimizer with its learning rate scaled. The config section (`config.optimizer`):
-
-    name: "adamw" | "adafactor"
-    learning_rate: 1e-3          # peak learning rate, reached at the end of warmup
-    warmup_steps: 0              # linear warmup from 0 (HF convention: lr(step) = lr * step / warmup_steps)
-    schedule: "constant" | "linear" | "rsqrt" | "cosine"   # the decay after warmup, see `learning_rate_schedule`
-    decay_steps: 0               # where linear/cosine decay reaches 0; 0 means train.steps
-    weight_decay: 0.0            # decoupled (AdamW / Adafactor weight_decay_rate), multiplied by the learning rate
-    weight_decay_exclude: ()     # regexes of parameter paths that are not decayed, e.g. ("norm", "bias$")
-    clip_norm: 1.0               # global-norm clipping of the (trainable) gradient; 0 disables it
-    frozen: ()                   # regexes (re.search on the path); matching parameters are not updated
-    groups: {}                   # name -> {pattern: regex, lr_scale: float}; learning rate x lr_scale
-    adamw: {b1: 0.9, b2: 0.999, eps: 1e-8}
-    adafactor: {decay_rate: 0.8, clipping_threshold: 1.0, multiply_by_parameter_scale: True,
-                factored: True, min_dim_size_to_factor: 128}
-
-Example: stage 2 with a frozen backbone and a faster hypernetwork:
-
-    config.optimizer.frozen = ("^t5/",)
-    config.optimizer.groups = {"hypernet": {"pattern": "^hypernet/", "lr_scale": 10.0}}
-
-Precedence: `frozen` wins over groups; a parameter matched by two groups, a pattern matching no
-parameter, and a group named "default" or "frozen" are errors (they are almost always typos).
-"""
+"""Optimizers, learning-rate schedules, and parameter labels (from path patterns) for freezing and
+learning-rate groups, all driving one `optax.multi_transform`."""
 from __future__ import annotations
 
 import math
@@ -37,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from ml_collections import config_dict
 
-from tagi_jax.config import ConfigError, require_regex
+from tagi_jax.config import ConfigError, require_choice, require_int, require_number, require_regex
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "linear", "rsqrt", "cosine")
@@ -46,7 +19,27 @@ DEFAULT = "default"
 
 
 def default_config() -> config_dict.ConfigDict:
-    """The `config.optimizer` section with its defaults."""
+    """The `config.optimizer` section with its defaults:
+
+        name: "adamw" | "adafactor"
+        learning_rate: 1e-3          # peak learning rate, reached at the end of warmup
+        warmup_steps: 0              # linear warmup from 0 (HF convention: lr(step) = lr * step / warmup_steps)
+        schedule: "constant" | "linear" | "rsqrt" | "cosine"   # decay after warmup (`learning_rate_schedule`)
+        decay_steps: 0               # where linear/cosine decay reaches 0; 0 means train.steps
+        weight_decay: 0.0            # decoupled (AdamW / Adafactor weight_decay_rate), times the learning rate
+        weight_decay_exclude: ()     # regexes of parameter paths that are not decayed, e.g. ("norm", "bias$")
+        clip_norm: 1.0               # global-norm clipping of the (trainable) gradient; 0 disables it
+        frozen: ()                   # regexes (re.search on the path); matching parameters are not updated
+        groups: {}                   # name -> {pattern: regex, lr_scale: float}; learning rate x lr_scale
+        adamw: {b1: 0.9, b2: 0.999, eps: 1e-8}
+        adafactor: {decay_rate: 0.8, clipping_threshold: 1.0, multiply_by_parameter_scale: True,
+                    factored: True, min_dim_size_to_factor: 128}
+
+    Example: stage 2 with a frozen backbone and a faster hypernetwork:
+
+        config.optimizer.frozen = ("^t5/",)
+        config.optimizer.groups = {"hypernet": {"pattern": "^hypernet/", "lr_scale": 10.0}}
+    """
     return config_dict.ConfigDict(
         {
             "name": "adamw",
@@ -157,6 +150,12 @@ def parameter_labels(
     prefix: str = "optimizer",
 ) -> Any:
     """A tree like `params` of labels: "frozen", a group name, or "default".
+
+    Every parameter gets its label from its path (`"encoder/layers_0/attention/query/kernel"`, the tree's dict
+    keys joined by "/"): frozen parameters get `optax.set_to_zero()` and no optimizer state (which matters when
+    the frozen part is an 11B backbone), each group the base optimizer with its learning rate scaled.
+    Precedence: `frozen` wins over groups; a parameter matched by two groups, a pattern matching no parameter,
+    and a group named "default" or "frozen" are errors (they are almost always typos).
 
     Works on abstract params (only paths matter). Errors name the config key: a pattern that matches no
     parameter, or a parameter claimed by two groups.
@@ -273,18 +272,16 @@ def _scaled(schedule: optax.Schedule, scale: float) -> optax.Schedule:
 
 def validate_config(opt_cfg: config_dict.ConfigDict, total_steps: int, prefix: str = "optimizer") -> None:
     """Name/range checks of the optimizer section (patterns are checked against parameters later)."""
-    from tagi_jax import config as cfg
-
     if not isinstance(opt_cfg, config_dict.ConfigDict):
         raise ConfigError(f"config key '{prefix}' must be a section")
     wrapped = config_dict.ConfigDict({prefix: opt_cfg})
-    cfg.require_choice(wrapped, f"{prefix}.name", OPTIMIZERS)
-    cfg.require_choice(wrapped, f"{prefix}.schedule", SCHEDULES)
-    cfg.require_number(wrapped, f"{prefix}.learning_rate", 0.0, strict=True)
-    warmup = cfg.require_int(wrapped, f"{prefix}.warmup_steps", 0)
-    decay = cfg.require_int(wrapped, f"{prefix}.decay_steps", 0) or total_steps
-    cfg.require_number(wrapped, f"{prefix}.weight_decay", 0.0)
-    cfg.require_number(wrapped, f"{prefix}.clip_norm", 0.0)
+    require_choice(wrapped, f"{prefix}.name", OPTIMIZERS)
+    require_choice(wrapped, f"{prefix}.schedule", SCHEDULES)
+    require_number(wrapped, f"{prefix}.learning_rate", 0.0, strict=True)
+    warmup = require_int(wrapped, f"{prefix}.warmup_steps", 0)
+    decay = require_int(wrapped, f"{prefix}.decay_steps", 0) or total_steps
+    require_number(wrapped, f"{prefix}.weight_decay", 0.0)
+    require_number(wrapped, f"{prefix}.clip_norm", 0.0)
     if opt_cfg.schedule in ("linear", "cosine") and decay <= warmup:
         raise ConfigError(
             f"config key '{prefix}.warmup_steps'={warmup} leaves no room for the {opt_cfg.schedule} decay, "

@@ -1,48 +1,8 @@
-"""A T5X-style partitioned trainer: one compiled step, Orbax checkpoints with exact resume, metrics.
+"""The T5X-style partitioned trainer: one compiled step with explicit shardings and donation, Orbax
+checkpoints with exact resume, metrics; plus the multi-host helpers it needs.
 
 Every TAGI stage (LoRA teachers, hypernetwork pretraining, finetuning, the baselines) is this trainer with a
-different `loss_fn` and parameter labels. The pieces:
-
-- `train_step` / `eval_step`: module-level pure functions of (state, batch, rng), compiled once by `Trainer`
-  with `jax.jit`, explicit in/out shardings on the mesh and the state donated. Gradient accumulation over
-  microbatches happens inside the step (`jax.lax.scan`), then one optimizer update.
-- `Trainer`: builds the mesh, the optimizer (`tagi_jax.optim`), the state shardings (`tagi_jax.train_state`),
-  the checkpoint manager and the metric writers, and runs the loop (`fit`).
-
-Config sections read here (`default_config()` has them all; launch configs start from it):
-
-    config.seed: int                    # parameter init and the per-step RNG (fold_in(base, step))
-    config.train:
-        steps: int                      # total optimizer updates; the schedule decays over these
-        batch_size: int                 # GLOBAL batch (all hosts, all microbatches)
-        num_microbatches: int           # gradient accumulation inside the step; must divide batch_size, and
-                                        # batch_size / num_microbatches must be divisible by the mesh's data axis
-        log_every: int                  # steps between metric writes (averaged over the interval)
-        checkpoint_every: int           # steps between checkpoints (0: only at the end)
-        keep_checkpoints: int           # keep the last N (0: keep all)
-        eval_every: int                 # steps between calls of `fit(eval_fn=...)` (0: only at the end)
-        progress_bar: bool
-    config.optimizer: see `tagi_jax.optim` (name, learning_rate, warmup_steps, schedule, decay_steps,
-        weight_decay, weight_decay_exclude, clip_norm, frozen, groups, adamw, adafactor)
-    config.mesh: data (-1 = all remaining devices), model, fsdp (also split params' embed dim over data)
-    config.distributed: initialize (call jax.distributed.initialize()), coordinator_address ("" = auto),
-        num_processes (0 = auto), process_id (-1 = auto)
-
-Contracts with the model and data sides:
-
-- `init_fn(rng) -> params`: a tree of `nn.LogicallyPartitioned` leaves, e.g.
-  `lambda rng: model.init(rng, *dummy_inputs)["params"]`. Only traced abstractly unless the run starts
-  from scratch, then run under `jax.jit` with the parameter shardings (never a full copy on one device).
-- `loss_fn(params, batch, rng) -> (loss, metrics)`: pure and jittable; `rng` is a per-step key in training
-  and None in evaluation (no rng = no dropout); `metrics` is a dict of scalars (loss
-  terms, adapter norms, ...), all logged. If it holds `"loss_weight"` (e.g. the number of real target tokens
-  the loss was averaged over), microbatches are combined weighted by it, which makes accumulation equal to
-  the big batch for token-averaged losses; without it microbatches are averaged with equal weight.
-- `batches(start_step) -> iterator` of host-local batches (dicts of numpy arrays, leading dimension
-  `batch_size / jax.process_count()`, this host's slice `host_batch_slice(batch_size)` of the global batch)
-  for steps start_step, start_step + 1, ...: the data position is a function of the step, so a resumed run
-  sees exactly the batches an uninterrupted one would.
-
+different `loss_fn` and parameter labels. Its config sections are `tagi_jax.trainer.config.default_config()`.
 Work directory layout: `checkpoints/<step>/` (Orbax), `config.json`, `model-info.txt`, `metrics.jsonl`,
 `tensorboard/`. A run started in a work directory that holds checkpoints resumes from the latest one.
 """
@@ -58,40 +18,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from ml_collections import config_dict
 
-from tagi_jax import optim, partitioning
-from tagi_jax.config import ConfigError, get_key, rename_sections, validate_trainer_config
-from tagi_jax.metric_writers import MetricWriter, ProgressBar, is_writer_process
-from tagi_jax.train_state import TrainState, abstract_state, check_float32, state_shardings
-
-Batch = Mapping[str, Any]
-LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
-LOSS_WEIGHT = "loss_weight"
-
-
-def default_config() -> config_dict.ConfigDict:
-    """seed, train, optimizer, mesh and distributed sections with their defaults."""
-    return config_dict.ConfigDict(
-        {
-            "seed": 0,
-            "train": {
-                "steps": 1000,
-                "batch_size": 32,
-                "num_microbatches": 1,
-                "log_every": 50,
-                "checkpoint_every": 500,
-                "keep_checkpoints": 2,
-                "eval_every": 0,
-                "progress_bar": True,
-            },
-            "optimizer": optim.default_config(),
-            "mesh": {"data": -1, "model": 1, "fsdp": False},
-            "distributed": {"initialize": False, "coordinator_address": "", "num_processes": 0, "process_id": -1},
-        }
-    )
+from tagi_jax import partitioning
+from tagi_jax.config import ConfigError, get_key, rename_sections
+from tagi_jax.trainer import optim
+from tagi_jax.trainer.checkpoints import checkpoint_dir
+from tagi_jax.trainer.config import validate_trainer_config
+from tagi_jax.trainer.metric_writers import MetricWriter, ProgressBar, is_writer_process
+from tagi_jax.trainer.steps import LOSS_WEIGHT, Batch, LossFn, eval_step, train_step
+from tagi_jax.trainer.train_state import TrainState, abstract_state, check_float32, state_shardings
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,207 +73,6 @@ def make_global_batch(local_batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, 
     )
 
 
-mesh_context = partitioning.mesh_context
-
-
-# --------------------------------------------------------------------------------------------------
-# The pure step functions
-# --------------------------------------------------------------------------------------------------
-
-
-def split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, jax.Array]:
-    """[batch, ...] -> [num_microbatches, batch / num_microbatches, ...], strided.
-
-    Microbatch i holds examples i, i + k, i + 2k, ...: with the batch split over `data`, each device's
-    rows stay on that device for every microbatch (a contiguous split would move data between devices).
-    """
-    k = num_microbatches
-
-    def split(x):
-        if x.shape[0] % k:
-            raise ValueError(f"batch of {x.shape[0]} examples does not split into {k} microbatches")
-        x = jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
-        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
-
-    return jax.tree.map(split, dict(batch))
-
-
-def _metrics_dict(loss: jax.Array, metrics: Mapping[str, Any]) -> dict[str, jax.Array]:
-    out = {}
-    for name, value in dict(metrics).items():
-        if jnp.shape(value) != ():
-            raise ValueError(f"loss_fn metric '{name}' has shape {jnp.shape(value)}; metrics must be scalars")
-        out[name] = jnp.asarray(value, jnp.float32)
-    if jnp.shape(loss) != ():
-        raise ValueError(f"loss_fn returned a loss of shape {jnp.shape(loss)}; it must be a scalar")
-    out["loss"] = jnp.asarray(loss, jnp.float32)
-    return out
-
-
-def compute_gradients(
-    params: Any,
-    batch: Batch,
-    rng: jax.Array,
-    *,
-    loss_fn: LossFn,
-    trainable: Any | None = None,
-    num_microbatches: int = 1,
-) -> tuple[Any, dict[str, jax.Array]]:
-    """(gradient tree like `params`, metrics) for one (global) batch, accumulating over microbatches.
-
-    Only trainable parameters are differentiated (frozen ones get zero gradients and cost no backward
-    pass or accumulator memory). Microbatch gradients and metrics are averaged, weighted by the
-    `"loss_weight"` metric when the loss_fn reports one.
-    """
-    leaves, treedef = jax.tree.flatten(params)
-    mask = [True] * len(leaves) if trainable is None else treedef.flatten_up_to(trainable)
-    train_leaves = [leaf for leaf, m in zip(leaves, mask) if m]
-
-    def loss_of_trainable(train, mb, mb_rng):
-        it = iter(train)
-        full = treedef.unflatten([next(it) if m else leaf for leaf, m in zip(leaves, mask)])
-        return loss_fn(full, mb, mb_rng)
-
-    grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
-
-    def one(mb, mb_rng):
-        (loss, aux), grads = grad_fn(train_leaves, mb, mb_rng)
-        metrics = _metrics_dict(loss, aux)
-        weight = metrics.pop(LOSS_WEIGHT, None)
-        return grads, metrics, weight
-
-    if num_microbatches == 1:
-        grads, metrics, weight = one(batch, rng)
-        if weight is not None:
-            metrics[LOSS_WEIGHT] = weight
-    else:
-        mbs = split_microbatches(batch, num_microbatches)
-        rngs = jax.random.split(rng, num_microbatches)
-        _, metric_shapes, weight_shape = jax.eval_shape(one, jax.tree.map(lambda x: x[0], mbs), rngs[0])
-        weighted = weight_shape is not None
-
-        def body(carry, xs):
-            g_sum, m_sum, w_sum = carry
-            grads, metrics, weight = one(*xs)
-            w = weight if weighted else jnp.float32(1.0)
-            g_sum = [a + w * g.astype(jnp.float32) for a, g in zip(g_sum, grads)]
-            m_sum = {k: m_sum[k] + w * metrics[k] for k in m_sum}
-            return (g_sum, m_sum, w_sum + w), None
-
-        init = (
-            [jnp.zeros(leaf.shape, jnp.float32) for leaf in train_leaves],
-            {k: jnp.zeros((), jnp.float32) for k in metric_shapes},
-            jnp.zeros((), jnp.float32),
-        )
-        (g_sum, m_sum, w_sum), _ = jax.lax.scan(body, init, (mbs, rngs))
-        denom = jnp.where(w_sum > 0, w_sum, 1.0)
-        grads = [(g / denom).astype(leaf.dtype) for g, leaf in zip(g_sum, train_leaves)]
-        metrics = {k: v / denom for k, v in m_sum.items()}
-        if weighted:
-            metrics[LOSS_WEIGHT] = w_sum
-
-    it = iter(grads)
-    full_grads = treedef.unflatten([next(it) if m else jnp.zeros_like(leaf) for leaf, m in zip(leaves, mask)])
-    return full_grads, metrics
-
-
-def train_step(
-    state: TrainState,
-    batch: Batch,
-    base_rng: jax.Array,
-    *,
-    loss_fn: LossFn,
-    tx: optax.GradientTransformation,
-    trainable: Any | None = None,
-    num_microbatches: int = 1,
-    schedule: optax.Schedule | None = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on one global batch; the RNG is `fold_in(base_rng, state.step)`.
-
-    Metrics: the loss_fn's (averaged over microbatches) plus `loss`, `grad_norm` (of the trainable gradient,
-    before clipping), `param_norm` (of the trainable parameters) and `learning_rate` (base schedule).
-    """
-    rng = jax.random.fold_in(base_rng, state.step)
-    grads, metrics = compute_gradients(
-        state.params, batch, rng, loss_fn=loss_fn, trainable=trainable, num_microbatches=num_microbatches
-    )
-    metrics["grad_norm"] = optax.tree.norm(grads)  # frozen gradients are zero
-    trainable_params = (
-        state.params
-        if trainable is None
-        else [p for p, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(trainable)) if m]
-    )
-    metrics["param_norm"] = optax.tree.norm(trainable_params)
-    if schedule is not None:
-        metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-    return state.apply_gradients(grads, tx, trainable), metrics
-
-
-def eval_step(params: Any, batch: Batch, *, loss_fn: LossFn) -> dict[str, jax.Array]:
-    """The loss_fn's metrics (and `loss`) on one batch; no update. The loss_fn gets `rng=None`: the
-    project's convention for "deterministic" (no dropout)."""
-    loss, metrics = loss_fn(params, batch, None)
-    return _metrics_dict(loss, metrics)
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoint helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
-
-
-def _checkpoints_path(directory: str) -> str:
-    ckpt = directory if not os.path.isdir(os.path.join(directory, "checkpoints")) else checkpoint_dir(directory)
-    return os.path.abspath(ckpt)
-
-
-def _latest(manager, ckpt: str, step: int | None) -> int:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint found in {ckpt}")
-    return step
-
-
-def load_params(directory: str, abstract_params: Any, step: int | None = None) -> Any:
-    """Restore only the parameters (or a subtree of them) from another run's checkpoint, sharded.
-
-    `directory` is a work directory (or its `checkpoints/`); `abstract_params` are ShapeDtypeStructs with
-    shardings, e.g. `Trainer.abstract_params`. This is how a stage starts from the previous stage's output:
-    `trainer.fit(batches, initial_params=lambda: load_params(prev_workdir, trainer.abstract_params))`.
-    Every requested parameter must be in the checkpoint (`saved_param_paths` tells which are).
-    """
-    ckpt = _checkpoints_path(directory)
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    with ocp.CheckpointManager(ckpt, options=options) as manager:
-        step = _latest(manager, ckpt, step)
-        item = {"params": abstract_params}
-        restore_args = jax.tree.map(
-            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), item
-        )
-        restored = manager.restore(
-            step, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        )
-    # A partial restore hands back the placeholder of a parameter the checkpoint lacks: never train on one.
-    for path, leaf in jax.tree_util.tree_flatten_with_path(restored["params"])[0]:
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            raise KeyError(f"{ckpt} (step {step}) has no parameter '{optim.path_to_str(path)}'")
-    return restored["params"]
-
-
-def saved_param_paths(directory: str, step: int | None = None) -> set[tuple[str, ...]]:
-    """The paths of the parameters a checkpoint holds, from its metadata (nothing is restored)."""
-    ckpt = _checkpoints_path(directory)
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    with ocp.CheckpointManager(ckpt, item_handlers=ocp.StandardCheckpointHandler(), options=options) as manager:
-        metadata = manager.item_metadata(_latest(manager, ckpt, step))
-    tree = getattr(metadata, "tree", metadata)
-    return {tuple(str(getattr(k, "key", k)) for k in path)
-            for path, _ in jax.tree_util.tree_flatten_with_path(tree["params"])[0]}
-
-
 # --------------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------------
@@ -344,6 +80,21 @@ def saved_param_paths(directory: str, step: int | None = None) -> set[tuple[str,
 
 class Trainer:
     """Builds everything a run needs from the config, then `fit(batches)`.
+
+    Contracts with the model and data sides:
+
+    - `init_fn(rng) -> params`: a tree of `nn.LogicallyPartitioned` leaves, e.g.
+      `lambda rng: model.init(rng, *dummy_inputs)["params"]`. Only traced abstractly unless the run starts
+      from scratch, then run under `jax.jit` with the parameter shardings (never a full copy on one device).
+    - `loss_fn(params, batch, rng) -> (loss, metrics)`: pure and jittable; `rng` is a per-step key in training
+      and None in evaluation (no rng = no dropout); `metrics` is a dict of scalars (loss terms, adapter
+      norms, ...), all logged. If it holds `"loss_weight"` (e.g. the number of real target tokens the loss
+      was averaged over), microbatches are combined weighted by it, which makes accumulation equal to the big
+      batch for token-averaged losses; without it microbatches are averaged with equal weight.
+    - `batches(start_step) -> iterator` of host-local batches (dicts of numpy arrays, leading dimension
+      `batch_size / jax.process_count()`, this host's slice `host_batch_slice(batch_size)` of the global
+      batch) for steps start_step, start_step + 1, ...: the data position is a function of the step, so a
+      resumed run sees exactly the batches an uninterrupted one would.
 
     Attributes worth knowing: `mesh`, `rules`, `tx`, `schedule`, `labels` (per-parameter optimizer labels),
     `abstract_params` (ShapeDtypeStructs with shardings), `state_shardings`, `checkpoints` (the Orbax manager),
@@ -440,7 +191,7 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------------
 
     def context(self) -> contextlib.AbstractContextManager:
-        return mesh_context(self.mesh, self.rules)
+        return partitioning.mesh_context(self.mesh, self.rules)
 
     def init_params(self) -> Any:
         """Fresh parameters from `init_fn` (the seed's init RNG), initialised straight into their shardings;

@@ -135,7 +135,7 @@ class TagiFeatureConverter(seqio.FeatureConverter):
         if F.TASK_NAME not in spec:
             raise ValueError(
                 "TagiFeatureConverter: the dataset has no 'task_name' feature (mixtures drop it unless "
-                "passthrough_features includes it; use tagi_jax.feature_converter.get_model_dataset)")
+                "passthrough_features includes it; use tagi_jax.data.feature_converter.get_model_dataset)")
         missing = [n for n in self._string_passthrough if n not in spec]
         if missing:
             hint = (" (only evaluation splits carry references)" if F.REFERENCES in missing else "")

@@ -16,7 +16,7 @@ import optax
 from flax import struct
 from jax.sharding import Sharding
 
-from tagi_jax.optim import path_to_str
+from tagi_jax.trainer.optim import path_to_str
 
 
 @struct.dataclass

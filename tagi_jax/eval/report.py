@@ -1,0 +1,144 @@
+"""The evaluation outputs, written and printed one way: JSON / JSON Lines files, the metrics' timing fields,
+the console table of one evaluation, and summary.json's entries and table (ROUGE-L / EM, or P3 accuracy)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+from tasks.p3.datasets import MTEST11
+
+
+def write_jsonl(path: str, records: Iterable[Mapping]) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def write_json(path: str, obj: Any) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    return path
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in header]] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)]
+    lines += [fmt(r) for r in cells[1:]]
+    return "\n".join(lines)
+
+
+def format_metrics(metrics: Mapping[str, Any], title: str = "", max_tasks: int | None = 40) -> str:
+    """A readable console table of `evaluate` or `evaluate_rank_classification` metrics, with timing."""
+    out = [title] if title else []
+    if "rougeL" in metrics:
+        rows = [("overall", float(metrics["rougeL"]), float(metrics["exact_match"]), metrics["num_examples"])]
+        out.append(_table(("", "ROUGE-L", "EM", "n"), rows))
+        for key, label in (("per_category", "category"), ("per_task", "task")):
+            groups = metrics.get(key) or {}
+            if not groups or (key == "per_task" and max_tasks is not None and len(groups) > max_tasks):
+                if groups:
+                    out.append(f"({len(groups)} tasks: per-task scores are in the metrics JSON)")
+                continue
+            rows = [(name, float(m["rougeL"]), float(m["exact_match"])) for name, m in sorted(groups.items())]
+            out.append(_table((label, "ROUGE-L", "EM"), rows))
+    else:
+        p3 = metrics.get("p3")
+        if p3:
+            rows = [(ds, float(acc)) for ds, acc in p3["per_dataset"].items()]
+            for key, label in (("mtest11_average", "MTest11 average"), ("hypert5_average", "HyperT5 average")):
+                if p3.get(key) is not None:
+                    rows.append((label, float(p3[key])))
+            out.append(_table(("dataset", "accuracy"), rows))
+            if p3.get("mtest11_missing"):
+                out.append(f"(missing from MTest11: {', '.join(p3['mtest11_missing'])})")
+        else:
+            groups = metrics.get("per_task", {})
+            if max_tasks is None or len(groups) <= max_tasks:
+                out.append(_table(("task", "accuracy"), [(t, float(a)) for t, a in sorted(groups.items())]))
+        out.append(f"overall accuracy {float(metrics['accuracy']):.2f} over {metrics['num_examples']} examples")
+    out.append(format_timing(metrics))
+    return "\n".join(out)
+
+
+def format_timing(metrics: Mapping[str, Any]) -> str:
+    eps = metrics.get("examples_per_second")
+    return (f"timing: adapters {metrics.get('adapter_generation_seconds', 0):.2f}s for "
+            f"{metrics.get('adapters_generated', 0)} generated / {metrics.get('adapters_reused', 0)} reused "
+            f"(compile {metrics.get('adapter_compile_seconds', 0):.1f}s); decoding "
+            f"{metrics.get('decoding_seconds', 0):.2f}s (compile {metrics.get('decoding_compile_seconds', 0):.1f}s); "
+            f"{eps if eps is not None else '-'} examples/s")
+
+
+def timing(n: int, table, seconds: float, compile_seconds: float) -> dict:
+    """The timing fields of an evaluator's metrics (`table`: the `AdapterTable` used, or None)."""
+    gen = table.seconds if table is not None else 0.0
+    out = {
+        "num_examples": n,
+        "adapter_generation_seconds": round(gen, 4),
+        "adapter_compile_seconds": round(table.compile_seconds, 4) if table is not None else 0.0,
+        "adapters_generated": table.generated if table is not None else 0,
+        "adapters_reused": table.reused if table is not None else 0,
+        "generator_calls": table.generator_calls if table is not None else 0,
+        "decoding_seconds": round(seconds, 4),
+        "decoding_compile_seconds": round(compile_seconds, 4),
+        "examples_per_second": round(n / seconds, 3) if seconds > 0 else None,
+        "end_to_end_examples_per_second": round(n / (seconds + gen), 3) if seconds + gen > 0 else None,
+    }
+    return out
+
+
+def summary_entry(metrics: Mapping[str, Any]) -> dict:
+    """What summary.json keeps of one evaluation: ROUGE-L / exact match for the generation benchmarks; for P3,
+    rank-classification accuracy with the per-dataset means and the MTest11 / HyperT5 averages (the numbers T0
+    and the TAGI paper report)."""
+    if "accuracy" in metrics:
+        return {"accuracy": float(metrics["accuracy"]), **metrics.get("p3", {})}
+    return {"rougeL": float(metrics["rougeL"]), "exact_match": float(metrics["exact_match"])}
+
+
+def format_summary(summary: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """The console table of summary.json: ROUGE-L / EM columns, or accuracy columns for rank classification."""
+    labels = sorted({label for m in summary.values() for label in m}, key=lambda x: (x != "unseen", x))
+    if any("accuracy" in m for by_label in summary.values() for m in by_label.values()):
+        return _format_accuracy_summary(summary, labels)
+    header = f"{'method':<16}" + "".join(f"{label + ' ROUGE-L':>16}{label + ' EM':>12}" for label in labels)
+    lines = [header, "-" * len(header)]
+    for method, by_label in summary.items():
+        row = f"{method:<16}"
+        for label in labels:
+            m = by_label.get(label)
+            row += f"{m['rougeL']:>16.1f}{m['exact_match']:>12.1f}" if m else f"{'-':>16}{'-':>12}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _format_accuracy_summary(summary: Mapping[str, Mapping[str, Mapping[str, Any]]], labels: list[str]) -> str:
+    """Accuracy, the MTest11 / HyperT5 averages and each dataset's mean over its templates, per split label."""
+    columns = []  # (header, label, getter)
+    for label in labels:
+        found = {ds for by_label in summary.values() for ds in (by_label.get(label) or {}).get("per_dataset", {})}
+        columns += [(f"{label} acc", label, lambda m: m.get("accuracy")),
+                    ("MTest11", label, lambda m: m.get("mtest11_average")),
+                    ("HyperT5", label, lambda m: m.get("hypert5_average"))]
+        for ds in [d for d in MTEST11 if d in found] + sorted(found - set(MTEST11)):
+            columns.append((ds, label, lambda m, ds=ds: m.get("per_dataset", {}).get(ds)))
+    widths = [max(9, len(h) + 2) for h, _, _ in columns]
+    header = f"{'method':<16}" + "".join(f"{h:>{w}}" for (h, _, _), w in zip(columns, widths))
+    lines = [header, "-" * len(header)]
+    for method, by_label in summary.items():
+        row = f"{method:<16}"
+        for (_, label, get), w in zip(columns, widths):
+            value = get(by_label[label]) if label in by_label else None
+            row += f"{value:>{w}.1f}" if value is not None else f"{'-':>{w}}"
+        lines.append(row)
+    missing = {d for by_label in summary.values() for m in by_label.values() for d in m.get("mtest11_missing", [])}
+    missing = sorted(missing, key=MTEST11.index)
+    if missing:
+        lines.append(f"(not in the MTest11 average: {', '.join(missing)})")
+    return "\n".join(lines)

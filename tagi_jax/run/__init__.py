@@ -1,0 +1,1 @@
+"""The pipeline of stages: the run-config schema, stage tables, objectives, stage starts and work directories."""

@@ -1,0 +1,179 @@
+"""The run-config schema: every key a pipeline config may set, with its default, the model config built from
+it, and the load-time checks of settings that cannot run together (each error names the key)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+from ml_collections import config_dict
+
+from tagi_jax import vocab as vocab_lib
+from tagi_jax.config import ConfigError, require_choice, require_path
+from tagi_jax.data.benchmarks import BENCHMARKS, require_p3, require_vocabulary
+from tagi_jax.models import tagi as tagi_lib
+from tagi_jax.models.hypernet import HyperNetConfig
+from tagi_jax.models.t5_config import T5Config
+from tagi_jax.run.stages import DEFAULT_INIT_FROM, METHODS, STAGES, section_names, stage_trainer_config
+from tagi_jax.trainer import config as trainer_config
+from tasks.p3.datasets import MTEST11, T0_TRAIN_DATASETS
+
+KL_TEACHERS = ("lora_teachers", "concat")
+
+
+def _dataclass_section(cls) -> config_dict.ConfigDict:
+    return config_dict.ConfigDict({f.name: f.default for f in dataclasses.fields(cls)})
+
+
+def default_config() -> config_dict.ConfigDict:
+    """Every key a pipeline config may set, with defaults (configs/*.py start from this)."""
+    base = trainer_config.default_config()
+    c = config_dict.ConfigDict()
+    c.seed = 0
+    c.model = _dataclass_section(T5Config)
+    c.model.checkpoint = ""  # a Hugging Face T5 directory to import the backbone from ("" = from scratch)
+    c.hypernet = _dataclass_section(HyperNetConfig)
+    c.tagi = config_dict.ConfigDict({
+        "fusion": "prepend",  # "prepend", "encoder_cross_attention" or "none" (tagi_jax.models.tagi)
+        "separate_hyper_encoder": False,
+        "teacher_rank": 32,
+        "teacher_alpha": 32.0,
+        "teachers_per": "task",  # "task" or "category"
+    })
+    c.data = config_dict.ConfigDict({
+        "benchmark": "synthetic",
+        "vocabulary": "byte",
+        "setting": "def_pos2",
+        "lengths": {"inputs": 64, "hyper_inputs": 256, "full_inputs": 320, "targets": 32},
+        # vocab_size: of the SentencePiece model trained on the suite when vocabulary = "synthetic_spm".
+        "synthetic": {"seed": 0, "num_train_tasks": 360, "num_unseen_tasks": 90,
+                      "train_instances_per_task": 100, "eval_instances_per_task": 100, "vocab_size": 1024},
+        "sni": {"dir": "", "split": "default", "max_train_instances": 100, "max_test_instances": 100,
+                "seed": 42, "skip_bad_tasks": False},
+        # P3 (T0): training tasks = every template of each `train_datasets` entry (promptsource paths, data at
+        # <train_data_dir>/<path>/train.jsonl with Hugging Face field names); evaluation = rank classification
+        # on the held-out sets at <eval_data_dir>/<dataset>/validation.jsonl (tasks/p3/, `launch/eval.py`
+        # reads the same keys). Caps of 0 mean none; mixing_cap is T0's 500k (tasks.p3.register.register_p3_train).
+        "p3": {"templates_dir": "", "train_data_dir": "", "eval_data_dir": "",
+               "train_datasets": T0_TRAIN_DATASETS, "eval_datasets": MTEST11,
+               "train_original_task_only": False, "eval_original_task_only": True,
+               "max_train_examples_per_task": 0, "mixing_cap": 500_000},
+        "pretrain": {"source": "", "seed": 0, "min_words": 16,
+                     "lengths": {"inputs": 64, "hyper_inputs": 128, "full_inputs": 192, "targets": 64}},
+    })
+    c.loss = config_dict.ConfigDict({
+        "z_loss": 0.0,
+        "label_smoothing": 0.0,
+        "lambda_kl": 5.0,
+        "lambda_ins": "sigmoid",  # "sigmoid" (the paper: λ2 = sigmoid(L_ins)) or a number as a string
+        "temperature": 1.0,
+        "alignment": "delta",  # "delta" (ΔW matrices) or "factor" (factor-wise MSE, the original code)
+        # "mean": per-element mean of ‖ΔW_gen − ΔW_teacher‖² per target (an MSE, comparable across model
+        # sizes), summed over targets; "sum": the summed squared Frobenius norm over layers and targets.
+        "alignment_reduction": "mean",
+        "kl_teacher": "lora_teachers",  # or "concat": the instruction-concatenation stage's model
+    })
+    c.mesh = base.mesh
+    c.distributed = base.distributed
+    c.pipeline = config_dict.ConfigDict({
+        "stages": STAGES,
+        "evaluate": tuple(METHODS),
+    })
+    c.stages = config_dict.ConfigDict()
+    for stage in STAGES:
+        c.stages[stage] = config_dict.ConfigDict({
+            "init_from": DEFAULT_INIT_FROM[stage],
+            "train": copy.deepcopy(base.train),
+            "optimizer": copy.deepcopy(base.optimizer),
+        })
+    c.eval = config_dict.ConfigDict({
+        "batch_size": 64,
+        "max_decode_len": 128,
+        "beam_size": 1,
+        "max_examples_per_task": 100,
+    })
+    return c
+
+
+def tagi_config(config: config_dict.ConfigDict, num_teachers: int, t5: T5Config | None = None
+                ) -> tagi_lib.TAGIConfig:
+    """The model config: backbone (`t5`, e.g. read from an imported checkpoint, else `config.model`),
+    hypernetwork, fusion and teachers."""
+    if t5 is None:
+        model = config.model.to_dict()
+        model.pop("checkpoint", None)
+        try:
+            t5 = T5Config(**model)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config key 'model': {e}") from None
+    try:
+        hyper = HyperNetConfig(**config.hypernet.to_dict())
+        return tagi_lib.TAGIConfig(
+            t5=t5, hypernet=hyper, fusion=config.tagi.fusion, num_teachers=num_teachers,
+            teacher_rank=config.tagi.teacher_rank, teacher_alpha=config.tagi.teacher_alpha,
+            separate_hyper_encoder=config.tagi.separate_hyper_encoder)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key 'hypernet'/'tagi': {e}") from None
+
+
+def validate(config: config_dict.ConfigDict) -> None:
+    """Stop before any work on settings that cannot run together; every message names the key."""
+    stages = tuple(config.pipeline.stages)
+    for s in stages:
+        if s not in STAGES:
+            raise ConfigError(f"config key 'pipeline.stages': unknown stage {s!r} (known: {STAGES})")
+    for m in config.pipeline.evaluate:
+        if m not in METHODS:
+            raise ConfigError(f"config key 'pipeline.evaluate': unknown method {m!r} (known: {tuple(METHODS)})")
+    require_choice(config, "tagi.teachers_per", ("task", "category"))
+    _validate_data_paths(config)
+    require_choice(config, "loss.alignment", ("delta", "factor"))
+    require_choice(config, "loss.alignment_reduction", ("mean", "sum"))
+    require_choice(config, "loss.kl_teacher", KL_TEACHERS)
+    lambda_ins(config)
+    if config.loss.temperature <= 0:
+        raise ConfigError(f"config key 'loss.temperature' must be > 0, got {config.loss.temperature}")
+    if config.model.checkpoint:
+        require_path(config, "model.checkpoint", kind="dir")
+
+    for s in stages:
+        section = config.stages[s]
+        src = section.init_from
+        if src and src not in STAGES:
+            raise ConfigError(f"config key 'stages.{s}.init_from': unknown stage {src!r}")
+        if s == "backbone" and config.model.checkpoint:
+            raise ConfigError("config key 'pipeline.stages' runs 'backbone' (pretraining from scratch) although "
+                              "'model.checkpoint' imports one; drop one of them")
+        trainer_config.validate_trainer_config(stage_trainer_config(config, s), section_names=section_names(s))
+    if not config.model.checkpoint:
+        tagi_config(config, num_teachers=1)  # model settings are checked by the dataclasses
+
+
+def _validate_data_paths(config) -> None:
+    benchmark = require_choice(config, "data.benchmark", BENCHMARKS)
+    vocab_spec = require_vocabulary(config, "data.vocabulary", benchmark)
+    if (vocab_spec == vocab_lib.TRAINED and not config.model.checkpoint
+            and config.data.synthetic.vocab_size > config.model.vocab_size):
+        raise ConfigError(f"config key 'data.synthetic.vocab_size' ({config.data.synthetic.vocab_size}) "
+                          f"exceeds 'model.vocab_size' ({config.model.vocab_size})")
+    if benchmark == "sni":
+        require_path(config, "data.sni.dir", kind="dir")
+    if benchmark == "p3":
+        require_p3(config, "data.p3")
+    source = config.data.pretrain.source
+    if source and not source.startswith("tfds:"):
+        require_path(config, "data.pretrain.source", kind="dir")
+    if benchmark != "synthetic" and not source and {"backbone", "pretrain"} & set(config.pipeline.stages):
+        raise ConfigError("config key 'data.pretrain.source' is empty: name a text directory or 'tfds:c4/en'")
+
+
+def lambda_ins(config) -> float | str:
+    """λ2 as `loss.lambda_ins` sets it: "sigmoid" (λ2 = sigmoid(L_ins)) or a constant."""
+    v = config.loss.lambda_ins
+    if isinstance(v, (int, float)):
+        return float(v)
+    if v == "sigmoid":
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise ConfigError(f"config key 'loss.lambda_ins': {v!r} is neither 'sigmoid' nor a number") from None

@@ -1,0 +1,148 @@
+"""The stage and method tables: what each stage trains, starts from and freezes, the parameter tree it holds, the
+trainer's view of its config, and which stage holds each evaluated method.
+
+Stages (each a `Trainer` run in `<workdir>/<stage>/`, resumable, whose output seeds later stages):
+
+  backbone        plain T5 on the pretraining text (`full_inputs` = a|b -> c); only for runs that start from
+                  scratch without a `concat` backbone. Real runs import a Hugging Face checkpoint instead.
+  teachers        stage 0: one LoRA teacher per task (or category) on the frozen backbone, reading `full_inputs`.
+  pretrain        stage 1: hypernetwork pretraining on a | b | c (a -> hypernetwork, b -> model, c target).
+  finetune        stage 2: `CE + λ1·KL(teacher ‖ student) + λ2·L_ins` (`tagi_jax.run.objectives`).
+  concat          baseline: instruction concatenation (Tk-Instruct style) on `full_inputs`.
+  no_instruction  baseline: multitask training on `inputs` only.
+  hint            baseline: the hypernetwork without distillation (CE only, HINT-like), from stage 1.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable
+
+import jax
+from ml_collections import config_dict
+
+from tagi_jax import features as F
+from tagi_jax.models import tagi as tagi_lib
+from tagi_jax.models.t5 import FUSION_ATTENTION, FUSION_NORM
+
+STAGES = ("backbone", "teachers", "pretrain", "finetune", "concat", "no_instruction", "hint")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """An evaluated method: the stage whose checkpoint holds it, the text its encoder reads, and whether it
+    generates adapters from the instruction (`hyper_inputs`)."""
+
+    stage: str
+    encoder_input: str
+    generates_adapters: bool
+
+
+METHODS = {
+    "tagi": Method("finetune", F.INPUTS, True),
+    "hint": Method("hint", F.INPUTS, True),
+    "concat": Method("concat", F.FULL_INPUTS, False),
+    "no_instruction": Method("no_instruction", F.INPUTS, False),
+}
+
+
+def check_method(method: str) -> Method:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+# What each stage starts from: the stage whose output it continues ("": fresh or the imported checkpoint).
+DEFAULT_INIT_FROM = {
+    "backbone": "",
+    "teachers": "backbone",
+    "pretrain": "backbone",
+    "finetune": "pretrain",
+    "concat": "backbone",
+    "no_instruction": "backbone",
+    "hint": "pretrain",
+}
+# Which parameter subtrees each stage trains (everything else is frozen: no optimizer state). "fusion" is the
+# encoder-fusion blocks inside "t5" (`SUBTREE_PATTERNS`); "t5" is the rest of the backbone.
+STAGE_TRAINS = {
+    "backbone": ("t5",),
+    "teachers": ("teachers",),
+    "pretrain": ("t5", "fusion", "hypernet", "hyper_encoder"),
+    "finetune": ("t5", "fusion", "hypernet", "hyper_encoder"),
+    "concat": ("t5",),
+    "no_instruction": ("t5",),
+    "hint": ("t5", "fusion", "hypernet", "hyper_encoder"),
+}
+# Stages whose model reads instruction states (the student): only their trees hold encoder-fusion blocks (with
+# `tagi.fusion = "encoder_cross_attention"`); the baselines, the backbone and the finetune teacher never read
+# instruction states. A stage that starts from a source without the blocks keeps their fresh zero-output
+# initialisation, so it starts from exactly its source's function.
+FUSION_STAGES = ("pretrain", "finetune", "hint")
+_FUSION_PATH = rf"encoder/layers_\d+/(?:{FUSION_NORM}|{FUSION_ATTENTION})/"
+# Regexes (after the optional "student/" prefix) matching each subtree's parameter paths.
+SUBTREE_PATTERNS = {
+    "t5": f"t5/(?!{_FUSION_PATH})",
+    "fusion": f"t5/{_FUSION_PATH}",
+    "hypernet": "hypernet/",
+    "hyper_encoder": "hyper_encoder/",
+    "teachers": "teachers/",
+}
+PRETRAIN_DATA_STAGES = ("backbone", "pretrain")  # stages trained on the pretraining task, not the benchmark
+
+
+def frozen_patterns(stage: str) -> tuple[str, ...]:
+    """The optimizer's `frozen` regexes that freeze what `stage` does not train (and the finetune teacher)."""
+    trains = STAGE_TRAINS[stage]
+    prefix = "student/" if stage == "finetune" else ""
+    names = [s for s in SUBTREE_PATTERNS if s not in trains]
+    # One alternation, so a subtree the model lacks (hyper_encoder, teachers, fusion) is not a no-match error.
+    frozen = (f"^{prefix}(?:{'|'.join(SUBTREE_PATTERNS[s] for s in names)})",) if names else ()
+    if stage == "finetune":
+        frozen += ("^teacher/",)
+    return frozen
+
+
+def section_names(stage: str) -> dict[str, str]:
+    """How the trainer's sections are called in the run config (for error messages)."""
+    return {"train": f"stages.{stage}.train", "optimizer": f"stages.{stage}.optimizer"}
+
+
+def stage_trainer_config(config: config_dict.ConfigDict, stage: str) -> config_dict.ConfigDict:
+    """The trainer's view of one stage: seed, that stage's train/optimizer sections, mesh, distributed."""
+    section = config.stages[stage]
+    optimizer = copy.deepcopy(section.optimizer)
+    with optimizer.unlocked():
+        optimizer.frozen = tuple(optimizer.frozen) + frozen_patterns(stage)
+    return config_dict.ConfigDict({
+        "seed": config.seed + STAGES.index(stage),
+        "train": copy.deepcopy(section.train),
+        "optimizer": optimizer,
+        "mesh": copy.deepcopy(config.mesh),
+        "distributed": copy.deepcopy(config.distributed),
+    })
+
+
+def tree_config(model_cfg: tagi_lib.TAGIConfig, with_student: bool) -> tagi_lib.TAGIConfig:
+    """The config whose tree a model part holds: without a student, no encoder-fusion blocks (the other
+    fusions add no parameters)."""
+    if model_cfg.fusion == "encoder_cross_attention" and not with_student:
+        return model_cfg.replace(fusion="none")
+    return model_cfg
+
+
+def stage_init_fn(stage: str, model_cfg: tagi_lib.TAGIConfig) -> Callable[[jax.Array], Any]:
+    """The boxed parameter tree of a stage (for the trainer's abstract/sharded init).
+
+    Every stage trains the same `TAGI` tree (t5, hypernet, teachers) with what it does not use frozen, except
+    `finetune`, whose tree is {"student": ..., "teacher": ...} with the teacher frozen, so the KL teacher keeps
+    the backbone it was trained on while the student's backbone moves.
+    """
+    own = tree_config(model_cfg, stage in FUSION_STAGES)
+    if stage == "finetune":
+        teacher = tree_config(model_cfg, False)
+
+        def init_fn(rng):
+            r1, r2 = jax.random.split(rng)
+            return {"student": tagi_lib.init_params(own, r1), "teacher": tagi_lib.init_params(teacher, r2)}
+        return init_fn
+    return lambda rng: tagi_lib.init_params(own, rng)

@@ -1,0 +1,71 @@
+"""Reading Orbax checkpoints of a trainer work directory: which exist, which parameters they hold, and a
+sharded restore of the parameters (or a subtree) alone, as one stage starts from another's output.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from tagi_jax.trainer.optim import path_to_str
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _checkpoints_path(directory: str) -> str:
+    ckpt = directory if not os.path.isdir(os.path.join(directory, "checkpoints")) else checkpoint_dir(directory)
+    return os.path.abspath(ckpt)
+
+
+def _latest(manager, ckpt: str, step: int | None) -> int:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint found in {ckpt}")
+    return step
+
+
+def load_params(directory: str, abstract_params: Any, step: int | None = None) -> Any:
+    """Restore only the parameters (or a subtree of them) from another run's checkpoint, sharded.
+
+    `directory` is a work directory (or its `checkpoints/`); `abstract_params` are ShapeDtypeStructs with
+    shardings, e.g. `Trainer.abstract_params`. This is how a stage starts from the previous stage's output:
+    `trainer.fit(batches, initial_params=lambda: load_params(prev_workdir, trainer.abstract_params))`.
+    Every requested parameter must be in the checkpoint (`saved_param_paths` tells which are).
+    """
+    ckpt = _checkpoints_path(directory)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(ckpt, options=options) as manager:
+        step = _latest(manager, ckpt, step)
+        item = {"params": abstract_params}
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), item
+        )
+        restored = manager.restore(
+            step, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        )
+    # A partial restore hands back the placeholder of a parameter the checkpoint lacks: never train on one.
+    for path, leaf in jax.tree_util.tree_flatten_with_path(restored["params"])[0]:
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            raise KeyError(f"{ckpt} (step {step}) has no parameter '{path_to_str(path)}'")
+    return restored["params"]
+
+
+def saved_param_paths(directory: str, step: int | None = None) -> set[tuple[str, ...]]:
+    """The paths of the parameters a checkpoint holds, from its metadata (nothing is restored)."""
+    ckpt = _checkpoints_path(directory)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(ckpt, item_handlers=ocp.StandardCheckpointHandler(), options=options) as manager:
+        metadata = manager.item_metadata(_latest(manager, ckpt, step))
+    tree = getattr(metadata, "tree", metadata)
+    return {tuple(str(getattr(k, "key", k)) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree["params"])[0]}
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether a trainer work directory holds at least one saved step in `checkpoints/`."""
+    ckpt = checkpoint_dir(workdir)
+    return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
