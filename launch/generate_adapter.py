@@ -8,32 +8,39 @@ instruction exactly as in training (Tk-Instruct "Definition: ... Positive Exampl
 `adapter_config.json` + `adapter_model.safetensors`, loadable with `PeftModel.from_pretrained` on the Hugging
 Face T5 the backbone came from (`--base_model`, default the config's model.checkpoint). A model trained with
 instruction fusion cannot be represented by a PEFT adapter: this stops with an explanation unless
-`--allow_fusion_loss` is given.
+`--allow_fusion_loss` is given. OUT must not exist yet (or be empty) unless `--overwrite`.
 """
+import functools
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 
+from tagi_jax import cli  # noqa: E402
 from tagi_jax.api import TAGIPredictor  # noqa: E402
-from tagi_jax.config import parse_flags_or_exit  # noqa: E402
-from tagi_jax.export import FusionNotExportable, check_fusion  # noqa: E402
+from tagi_jax.export import check_fusion  # noqa: E402
 from tagi_jax.jsonl import iter_jsonl  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline work directory (launch/train.py --workdir).")
-_METHOD = flags.DEFINE_enum("method", "tagi", ["tagi", "hint"], "Which trained hypernetwork generates the adapter.")
-_INSTRUCTION = flags.DEFINE_string("instruction", None, "The task definition.")
-_EXAMPLES = flags.DEFINE_string("examples", None, "JSONL file of positive examples {\"input\", \"output\"}.")
-_RAW = flags.DEFINE_bool("raw", False, "Use --instruction verbatim (no Tk-Instruct formatting).")
-_OUT = flags.DEFINE_string("out", None, "Output directory (PEFT adapter).")
-_BASE = flags.DEFINE_string("base_model", None, "base_model_name_or_path for adapter_config.json.")
-_ALLOW_FUSION_LOSS = flags.DEFINE_bool(
-    "allow_fusion_loss", False, "Export the LoRA part of a fusion model's adapter anyway (it will not reproduce "
-    "the model's predictions on its own).")
-flags.mark_flags_as_required(["workdir", "instruction", "out"])
+
+def define_flags(argv) -> flags.FlagValues:
+    """A fresh flag set for each call of `main`."""
+    fv = flags.FlagValues()
+    string, boolean = (functools.partial(f, flag_values=fv) for f in (flags.DEFINE_string, flags.DEFINE_bool))
+    string("workdir", None, "A pipeline work directory (launch/train.py --workdir).")
+    flags.DEFINE_enum("method", "tagi", ["tagi", "hint"], "Which trained hypernetwork generates the adapter.",
+                      flag_values=fv)
+    string("instruction", None, "The task definition.")
+    string("examples", None, "JSONL file of positive examples {\"input\", \"output\"}.")
+    boolean("raw", False, "Use --instruction verbatim (no Tk-Instruct formatting).")
+    string("out", None, "Output directory (PEFT adapter).")
+    boolean("overwrite", False, "Write into --out even if it already holds files.")
+    string("base_model", None, "base_model_name_or_path for adapter_config.json.")
+    boolean("allow_fusion_loss", False, "Export the LoRA part of a fusion model's adapter anyway (it will not "
+            "reproduce the model's predictions on its own).")
+    return fv
 
 
 def read_examples(path: str) -> list:
@@ -44,26 +51,39 @@ def read_examples(path: str) -> list:
         if not isinstance(ex, dict) or "input" not in ex or "output" not in ex:
             raise ValueError(f"{where}: expected an object with 'input' and 'output'")
         out.append(ex)
+    if not out:
+        raise ValueError(f"--examples: {path} holds no examples")
     return out
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # checkpoint-library chatter off unless asked for (-v 0)
-    try:
-        examples = read_examples(_EXAMPLES.value) if _EXAMPLES.value else None
-        predictor = TAGIPredictor.load(_WORKDIR.value, _METHOD.value)
-        if predictor.uses_fusion and not _ALLOW_FUSION_LOSS.value:
-            check_fusion(True, False, predictor.fusion)  # stop before generating anything
-        adapter = predictor.generate_adapter(_INSTRUCTION.value, examples, raw=_RAW.value)
-        out = predictor.save_adapter(_OUT.value, adapter, allow_fusion_loss=_ALLOW_FUSION_LOSS.value,
-                                     base_model_name_or_path=_BASE.value)
-    except (FusionNotExportable, ValueError, KeyError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+def _check_out(path: str, overwrite: bool) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"--out: {path} is a file, not a directory")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise FileExistsError(f"--out: {path} already holds files; pass --overwrite or choose another directory")
+
+
+def work(args: flags.FlagValues) -> None:
+    """What the command does once its flags are parsed."""
+    for name in ("workdir", "instruction", "out"):
+        if args[name].value is None:
+            raise cli.UsageError(f"--{name} is required")
+    cli.setup_logging(None, "generate_adapter", args.verbose)
+    _check_out(args.out, args.overwrite)
+    examples = read_examples(args.examples) if args.examples else None
+    predictor = TAGIPredictor.load(args.workdir, args.method)
+    if predictor.uses_fusion and not args.allow_fusion_loss:
+        check_fusion(True, False, predictor.fusion)  # stop before generating anything
+    adapter = predictor.generate_adapter(args.instruction, examples, raw=args.raw)
+    out = predictor.save_adapter(args.out, adapter, allow_fusion_loss=args.allow_fusion_loss,
+                                 base_model_name_or_path=args.base_model)
     print(f"wrote PEFT adapter to {out}")
 
 
+def main(argv) -> int:
+    """The command; returns its exit status."""
+    return cli.command(argv, define_flags, work, __doc__)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags_or_exit)
+    cli.exit_process(main(sys.argv))

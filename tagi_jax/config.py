@@ -11,10 +11,8 @@ import ast
 import importlib.util
 import os
 import re
-import sys
 from typing import Any, Iterable, Mapping, Sequence
 
-from absl import flags
 from ml_collections import config_dict
 
 ConfigDict = config_dict.ConfigDict
@@ -44,17 +42,33 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ConfigDict:
         raise ConfigError(f"config file not found: {file_path}")
     module_name = "_tagi_config_" + re.sub(r"\W", "_", os.path.abspath(file_path))
     spec = importlib.util.spec_from_file_location(module_name, file_path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"config file {file_path} is not a Python file")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - whatever the file raises, the message names the file
+        raise ConfigError(f"config file {file_path} fails to load: {type(e).__name__}: {_first_line(e)}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {file_path} defines no get_config()")
-    config = module.get_config(arg) if arg is not None else module.get_config()
+    try:
+        config = module.get_config(arg) if arg is not None else module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. a size argument it does not take, or does not know
+        call = f"get_config({arg!r})" if arg is not None else "get_config()"
+        raise ConfigError(f"config file {file_path}: {call} failed: {type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(config, ConfigDict):
         raise ConfigError(
             f"config file {file_path}: get_config() returned {type(config).__name__}, not a ConfigDict"
         )
     apply_overrides(config, overrides)
     return config
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
@@ -238,27 +252,3 @@ def rename_sections(message: str, section_names: Mapping[str, str] | None) -> st
         return message
     pattern = r"(?<![\w.])(" + "|".join(re.escape(k) for k in section_names) + r")(?=[.\[])"
     return re.sub(pattern, lambda m: section_names[m.group(1)], message)
-
-
-def parse_flags_or_exit(argv: list[str]) -> list[str]:
-    """absl `flags_parser` for the launchers: a bad `--config.key=value` (unknown key, wrong type) ends the
-    program with one line naming the key, instead of a traceback from inside `config_flags`."""
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 - any parse failure ends the program with one line
-        config_path, overrides = None, []
-        for i, arg in enumerate(argv[1:], start=1):
-            if arg.startswith("--config="):
-                config_path = arg.split("=", 1)[1]
-            elif arg == "--config" and i + 1 < len(argv):
-                config_path = argv[i + 1]
-            elif arg.startswith("--config."):
-                overrides.append(arg if "=" in arg else f"{arg}=")
-        if config_path is not None:
-            try:
-                load_config(config_path, overrides)
-            except ConfigError as ce:
-                sys.exit(f"error: {ce}")
-            except Exception:  # noqa: BLE001 - fall back to absl's own message
-                pass
-        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")

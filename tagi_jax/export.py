@@ -290,6 +290,8 @@ def load_peft_adapter(
             if b_t.shape != (d_out, file_rank):
                 raise AdapterFormatError(f"{weights_path}: {KEY_PREFIX}{module}.lora_B.weight has shape "
                                          f"{b_t.shape}, expected [d_out={d_out}, r={file_rank}]")
+            if not (np.all(np.isfinite(a_t)) and np.all(np.isfinite(b_t))):
+                raise AdapterFormatError(f"{weights_path}: {KEY_PREFIX}{module} holds NaN/Inf values")
             a_list.append(a_t.T)
             b_list.append(b_t.T)
         adapters[target] = {"A": np.stack(a_list), "B": np.stack(b_list), "scale": np.float32(scale)}

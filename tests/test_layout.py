@@ -20,7 +20,7 @@ LAYERS = (
     ("tagi_jax.trainer",),
     ("tagi_jax.data",),
     ("tagi_jax.run", "tagi_jax.eval"),
-    ("tagi_jax.api",),
+    ("tagi_jax.api", "tagi_jax.cli"),
 )
 # What `tasks` may import of the library (the feature contract and the JSON Lines reader).
 TASKS_MAY_IMPORT = {"tagi_jax.features", "tagi_jax.jsonl"}

@@ -14,6 +14,7 @@ import pytest
 from flax import traverse_util
 
 from tagi_jax.eval import report
+from tagi_jax import vocab as V
 from tagi_jax.run import defaults as run_defaults
 from tagi_jax.run import pipeline
 from tagi_jax.run import stage_init
@@ -335,7 +336,8 @@ def test_bad_p3_config_fails_fast_in_one_line_naming_the_key(p3_dirs, key, value
 
 
 def _dummy_p3_paths(root) -> list[str]:
-    """Overrides that make configs/p3_t0.py valid: empty stand-ins for every file it names."""
+    """Overrides that make configs/p3_t0.py valid: empty stand-ins for every file it names (the vocabulary is
+    checked to be a SentencePiece model, so a small real one)."""
     for name in p3_datasets.T0_TRAIN_DATASETS:
         for sub, file in (("templates", "templates.yaml"), ("train", "train.jsonl")):
             (root / sub / name).mkdir(parents=True)
@@ -343,7 +345,7 @@ def _dummy_p3_paths(root) -> list[str]:
     (root / "eval" / "rte").mkdir(parents=True)
     (root / "eval" / "rte" / "validation.jsonl").touch()
     (root / "ckpt").mkdir()
-    (root / "spiece.model").touch()
+    V.train_sentencepiece([f"word{i} and more text {i % 7}" for i in range(200)], str(root / "spiece.model"), 300)
     return [f"model.checkpoint={root / 'ckpt'}", f"data.vocabulary={root / 'spiece.model'}",
             f"data.p3.templates_dir={root / 'templates'}", f"data.p3.train_data_dir={root / 'train'}",
             f"data.p3.eval_data_dir={root / 'eval'}"]

@@ -2,10 +2,13 @@
 and the string features of evaluation examples (one reader for every benchmark and protocol)."""
 from __future__ import annotations
 
+import contextlib
+import re
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import seqio
+import tensorflow as tf
 from ml_collections import config_dict
 
 from tagi_jax import features as F
@@ -25,6 +28,27 @@ def pretrain_lengths(data_cfg: config_dict.ConfigDict) -> dict[str, int]:
     return {name: int(data_cfg.pretrain.lengths[name]) for name in F.TEXT_FEATURES}
 
 
+class DataError(ValueError):
+    """A data file failed while tf.data was reading it (the message is the original error's, file and line)."""
+
+
+# The last "SomeError: message" line of a tf.data error: the Python exception raised inside a generator.
+_INNER_ERROR = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+?)\s*$", re.M)
+
+
+@contextlib.contextmanager
+def data_errors():
+    """Inside, a tf.data error that wraps an exception raised while reading data (a malformed JSON line, a bad
+    task file) becomes a `DataError` with that exception's one-line message instead of TensorFlow's trace."""
+    try:
+        yield
+    except tf.errors.OpError as e:
+        found = _INNER_ERROR.findall(e.message or "")
+        if not found:
+            raise
+        raise DataError(found[-1][1]) from None
+
+
 def train_batches(
     mixture: str,
     lengths: Mapping[str, int],
@@ -41,11 +65,12 @@ def train_batches(
     """
     converter = TagiFeatureConverter(task_names=list(task_names), count_truncation=True)
     ds = get_model_dataset(mixture, lengths, converter, split="train", shuffle=True, seed=seed, num_epochs=None)
-    for batch in to_numpy_batches(ds, batch_size, drop_remainder=True, start_batch=start_step):
-        out = {k: v for k, v in batch.items() if k in F.MODEL_FEATURES}
-        if host_slice is not None:
-            out = {k: v[host_slice] for k, v in out.items()}
-        yield out
+    with data_errors():
+        for batch in to_numpy_batches(ds, batch_size, drop_remainder=True, start_batch=start_step):
+            out = {k: v for k, v in batch.items() if k in F.MODEL_FEATURES}
+            if host_slice is not None:
+                out = {k: v[host_slice] for k, v in out.items()}
+            yield out
 
 
 def _py(value):
@@ -92,7 +117,9 @@ def eval_examples(tasks: str | Sequence[str], split: str | None = None, max_per_
             suffix = "_pretokenized"
         if max_per_task is not None:
             ds = ds.take(max_per_task)
-        for i, ex in enumerate(ds.as_numpy_iterator()):
+        with data_errors():
+            rows = list(ds.as_numpy_iterator())
+        for i, ex in enumerate(rows):
             row = {k[: -len(suffix)] if suffix and k.endswith(suffix) else k: _py(v) for k, v in ex.items()
                    if not suffix or k.endswith(suffix) or k not in F.TEXT_FEATURES}
             row["id"] = f"{row.get(F.TASK_NAME, task.name)}-{i}"

@@ -11,6 +11,7 @@ import json
 import os
 from typing import Mapping, Sequence
 
+import sentencepiece
 import seqio
 from ml_collections import config_dict
 
@@ -81,8 +82,17 @@ def require_vocabulary(config: config_dict.ConfigDict, key: str, benchmark: str)
             raise ConfigError(f"config key '{key}': {vocab_lib.TRAINED!r} is trained on the synthetic suite; "
                               f"benchmark {benchmark!r} needs the SentencePiece model of its checkpoint")
     elif spec != vocab_lib.BYTE:
-        require_path(config, key, kind="file")
+        path = require_path(config, key, kind="file")
+        try:
+            sentencepiece.SentencePieceProcessor(model_file=os.path.expanduser(path))
+        except (OSError, RuntimeError) as e:
+            raise ConfigError(f"config key '{key}': {path} is not a SentencePiece model ({_first_line(e)})") from None
     return spec
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +190,11 @@ def _register_synthetic(data_cfg, spec: str, workdir: str | None, training: bool
     if training and spec == vocab_lib.TRAINED:
         text = synthetic_suite.vocabulary_text(suite, synthetic_suite.num_positive_examples(data_cfg.setting),
                                                seed=s.seed)
-        vocab_lib.train_sentencepiece(text, vocab_lib.trained_model_path(workdir), s.vocab_size)
+        try:
+            vocab_lib.train_sentencepiece(text, vocab_lib.trained_model_path(workdir), s.vocab_size)
+        except RuntimeError as e:  # SentencePiece's check, e.g. fewer pieces than the text's characters
+            raise ConfigError(f"config key 'data.synthetic.vocab_size' ({s.vocab_size}): SentencePiece cannot "
+                              f"train that vocabulary ({_first_line(e)[-120:]})") from None
     vocabulary = vocab_lib.get_vocabulary(spec, workdir)
     info = synthetic_register.register_synthetic(
         vocabulary, seed=s.seed, setting=data_cfg.setting, num_train_tasks=s.num_train_tasks,
@@ -198,7 +212,7 @@ def _register_synthetic(data_cfg, spec: str, workdir: str | None, training: bool
 
 def _register_sni(data_cfg, spec: str, workdir: str | None, training: bool) -> tuple[Benchmark, str]:
     vocabulary = vocab_lib.get_vocabulary(spec)
-    sni_dir = require_path(data_cfg, "sni.dir", kind="dir")
+    sni_dir = require_path(config_dict.ConfigDict({"data": data_cfg}), "data.sni.dir", kind="dir")
     sni.register_sni(sni_dir, vocabulary, setting=data_cfg.setting,
                      max_train_instances=data_cfg.sni.max_train_instances,
                      max_test_instances=data_cfg.sni.max_test_instances, seed=data_cfg.sni.seed,
@@ -213,7 +227,7 @@ def _register_sni(data_cfg, spec: str, workdir: str | None, training: bool) -> t
 
 def _register_p3(data_cfg, spec: str, workdir: str | None, training: bool) -> tuple[Benchmark, str]:
     vocabulary = vocab_lib.get_vocabulary(spec)
-    s = require_p3(data_cfg, "p3", training=training)
+    s = require_p3(config_dict.ConfigDict({"data": data_cfg}), "data.p3", training=training)
     train: dict[str, list[str]] = {}
     if training:
         train = p3_register.register_p3_train(
@@ -243,7 +257,7 @@ def register_benchmark(data_cfg: config_dict.ConfigDict, workdir: str | None = N
     name = data_cfg.get("benchmark")
     if name not in _REGISTER:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
-    spec = require_vocabulary(data_cfg, "vocabulary", name)
+    spec = require_vocabulary(config_dict.ConfigDict({"data": data_cfg}), "data.vocabulary", name)
     bench, source = _REGISTER[name](data_cfg, spec, workdir, training)
     if not training:
         return bench

@@ -219,6 +219,15 @@ def _split_entries(adapters, states, mask, n: int) -> list[Entry]:
     return out
 
 
+def _check_finite_entry(entry: Entry, instruction: str) -> None:
+    """A NaN/Inf adapter would decode to empty strings that look like a (bad) model: refuse it instead."""
+    bad = sorted(k for k, v in entry.items() if np.issubdtype(np.asarray(v).dtype, np.floating)
+                 and not np.all(np.isfinite(v)))
+    if bad:
+        raise ValueError(f"the hypernetwork produced non-finite values ({', '.join(bad[:3])}) for the instruction "
+                         f"{instruction[:60]!r}: the checkpoint holds NaN/Inf parameters (a diverged run?)")
+
+
 def _stack_entries(entries: Sequence[Entry], fusion: bool) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
     targets = sorted(k[2:] for k in entries[0] if k.startswith("A/"))
     adapters = {}
@@ -283,6 +292,7 @@ def generate_task_adapters(
             table.seconds += time.perf_counter() - t0
             table.generator_calls += 1
             for text, entry in zip(missing[start:start + n], _split_entries(*out, n)):
+                _check_finite_entry(entry, text)
                 entries[text] = entry
                 cache.put(fingerprint, text, hyper_len, entry)
         table.generated = len(missing)

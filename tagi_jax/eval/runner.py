@@ -17,7 +17,7 @@ from tagi_jax.eval import generation, rank_classification
 from tagi_jax.eval.adapters import AdapterCache
 from tagi_jax.eval.report import format_metrics, format_summary, format_timing, summary_entry, write_json, write_jsonl
 from tagi_jax.run.stages import check_method
-from tagi_jax.run.workdir import has_checkpoint, load_trained, load_workdir_config
+from tagi_jax.run.workdir import has_checkpoint, load_trained, load_workdir_config, training_progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,18 +83,33 @@ def evaluate_methods(workdir: str, methods: Sequence[str], config, bench: Benchm
     for method in methods:
         if not has_checkpoint(workdir, check_method(method).stage):
             logging.warning("summary: method %s has no trained stage %s; skipped", method, check_method(method).stage)
+            print(f"warning: {method} is not evaluated: stage '{check_method(method).stage}' has no checkpoint",
+                  flush=True)
             continue
         _, model, params = load_trained(workdir, method)
+        progress = _progress_note(workdir, method, config)
         cache = AdapterCache(os.path.join(workdir, "adapter_cache"))
         results = _evaluate(workdir, method, model, params, bench, examples, settings, cache,
                             predictions_name=lambda label, method=method: f"{method}_{label}_predictions.jsonl",
                             report=lambda label, m, _, method=method: print(f"{method} / {label}: {format_timing(m)}",
                                                                               flush=True))
-        summary[method] = {label: summary_entry(m) for label, m in results.items()}
+        summary[method] = {label: {**summary_entry(m), **progress} for label, m in results.items()}
+    if methods and not summary:
+        raise FileNotFoundError(f"{workdir}: none of the methods {', '.join(methods)} has a trained stage to "
+                                "evaluate (train them first, or list trained ones in pipeline.evaluate)")
     if jax.process_index() == 0:
         write_json(os.path.join(workdir, "summary.json"), summary)
     print(format_summary(summary), flush=True)
     return summary
+
+
+def _progress_note(workdir: str, method: str, config) -> dict:
+    """`training_progress` for the outputs, said on the console too when the stage stopped early."""
+    progress = training_progress(workdir, method, config)
+    if progress:
+        print(f"warning: {method}: stage '{check_method(method).stage}' stopped at step {progress['step']} of "
+              f"{progress['steps']}: these are the scores of a partly trained model", flush=True)
+    return progress
 
 
 def _shared_data_path(sub: str) -> str:
@@ -156,8 +171,11 @@ def run_evaluation(
     splits = bench.select(tasks)
     cache = AdapterCache(os.path.join(workdir, "adapter_cache") if use_cache else None)
 
+    progress = _progress_note(workdir, method, load_workdir_config(workdir))
+
     def report(label: str, metrics: dict, examples: list) -> None:
         metrics["benchmark"], metrics["split"] = bench.name, label
+        metrics.update(progress)
         if print_fn is not None:
             print_fn(format_metrics(metrics, title=f"\n== {method} on {bench.name} / {label} "
                                                    f"({len(splits[label])} tasks, {len(examples)} examples) =="))

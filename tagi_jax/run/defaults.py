@@ -7,15 +7,20 @@ import dataclasses
 
 from ml_collections import config_dict
 
+from tagi_jax import features as F
+from tagi_jax import partitioning
 from tagi_jax import vocab as vocab_lib
-from tagi_jax.config import ConfigError, require_choice, require_path
+from tagi_jax.config import ConfigError, require_choice, require_int, require_path
 from tagi_jax.data.benchmarks import BENCHMARKS, require_p3, require_vocabulary
 from tagi_jax.models import tagi as tagi_lib
+from tagi_jax.models.tagi import FUSIONS
 from tagi_jax.models.hypernet import HyperNetConfig
 from tagi_jax.models.t5_config import T5Config
 from tagi_jax.run.stages import DEFAULT_INIT_FROM, METHODS, STAGES, section_names, stage_trainer_config
 from tagi_jax.trainer import config as trainer_config
+from tasks import sni
 from tasks.p3.datasets import MTEST11, T0_TRAIN_DATASETS
+from tasks.synthetic.suite import SETTINGS as SYNTHETIC_SETTINGS
 
 KL_TEACHERS = ("lora_teachers", "concat")
 
@@ -118,6 +123,8 @@ def tagi_config(config: config_dict.ConfigDict, num_teachers: int, t5: T5Config 
 def validate(config: config_dict.ConfigDict) -> None:
     """Stop before any work on settings that cannot run together; every message names the key."""
     stages = tuple(config.pipeline.stages)
+    if not stages and not tuple(config.pipeline.evaluate):
+        raise ConfigError("config keys 'pipeline.stages' and 'pipeline.evaluate' are both empty: nothing to run")
     for s in stages:
         if s not in STAGES:
             raise ConfigError(f"config key 'pipeline.stages': unknown stage {s!r} (known: {STAGES})")
@@ -125,7 +132,9 @@ def validate(config: config_dict.ConfigDict) -> None:
         if m not in METHODS:
             raise ConfigError(f"config key 'pipeline.evaluate': unknown method {m!r} (known: {tuple(METHODS)})")
     require_choice(config, "tagi.teachers_per", ("task", "category"))
+    require_choice(config, "tagi.fusion", FUSIONS)
     _validate_data_paths(config)
+    _validate_sizes(config)
     require_choice(config, "loss.alignment", ("delta", "factor"))
     require_choice(config, "loss.alignment_reduction", ("mean", "sum"))
     require_choice(config, "loss.kl_teacher", KL_TEACHERS)
@@ -148,6 +157,22 @@ def validate(config: config_dict.ConfigDict) -> None:
         tagi_config(config, num_teachers=1)  # model settings are checked by the dataclasses
 
 
+def _validate_sizes(config) -> None:
+    """Lengths, suite sizes, evaluation settings and the mesh: found now rather than after training."""
+    for section in ("data.lengths", "data.pretrain.lengths"):
+        for name in F.TEXT_FEATURES:
+            require_int(config, f"{section}.{name}", 2)  # room for a token and EOS
+    for name in ("num_train_tasks", "train_instances_per_task", "eval_instances_per_task", "vocab_size"):
+        require_int(config, f"data.synthetic.{name}", 1)
+    require_int(config, "data.synthetic.num_unseen_tasks", 0)
+    for name in ("batch_size", "max_decode_len", "beam_size", "max_examples_per_task"):
+        require_int(config, f"eval.{name}", 1)
+    try:
+        partitioning.create_mesh(config.mesh.data, config.mesh.model)
+    except ValueError as e:
+        raise ConfigError(f"config keys 'mesh.data'/'mesh.model': {e}") from None
+
+
 def _validate_data_paths(config) -> None:
     benchmark = require_choice(config, "data.benchmark", BENCHMARKS)
     vocab_spec = require_vocabulary(config, "data.vocabulary", benchmark)
@@ -155,6 +180,9 @@ def _validate_data_paths(config) -> None:
             and config.data.synthetic.vocab_size > config.model.vocab_size):
         raise ConfigError(f"config key 'data.synthetic.vocab_size' ({config.data.synthetic.vocab_size}) "
                           f"exceeds 'model.vocab_size' ({config.model.vocab_size})")
+    settings = {"synthetic": SYNTHETIC_SETTINGS, "sni": sni.SETTINGS}.get(benchmark)
+    if settings is not None:
+        require_choice(config, "data.setting", settings)
     if benchmark == "sni":
         require_path(config, "data.sni.dir", kind="dir")
     if benchmark == "p3":

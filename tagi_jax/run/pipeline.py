@@ -22,7 +22,7 @@ from tagi_jax.run.defaults import tagi_config, validate
 from tagi_jax.run.objectives import make_loss_fn
 from tagi_jax.run.stage_init import build_initial_params
 from tagi_jax.run.stages import PRETRAIN_DATA_STAGES, section_names, stage_init_fn, stage_trainer_config
-from tagi_jax.run.workdir import has_checkpoint, stage_dir, write_run_files
+from tagi_jax.run.workdir import check_resume, has_checkpoint, stage_dir, write_run_files
 from tagi_jax.trainer.trainer import Trainer, host_batch_slice
 
 
@@ -52,6 +52,10 @@ class RunContext:
 def prepare(config: config_dict.ConfigDict, workdir: str) -> RunContext:
     """Validate, register the data, build the model; write the run files into the work directory."""
     validate(config)
+    changed = check_resume(workdir, config)  # before anything is written into an existing work directory
+    if changed:
+        print(f"note: {workdir} resumes with changed settings (recorded in run.json): "
+              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8]), flush=True)
     os.makedirs(workdir, exist_ok=True)
     bench = register_benchmark(config.data, workdir)
     per = config.tagi.teachers_per
@@ -66,7 +70,7 @@ def prepare(config: config_dict.ConfigDict, workdir: str) -> RunContext:
         raise ConfigError(f"config key 'model.vocab_size': the model has {model_cfg.t5.vocab_size} embeddings but "
                           f"data.vocabulary has {bench.vocabulary.vocab_size} ids")
     write_run_files(workdir, config, model_cfg, bench.train_task_names, per, bench.teacher_keys(per),
-                    bench.categories)
+                    bench.categories, changed)
     mesh = partitioning.create_mesh(config.mesh.data, config.mesh.model)
     rules = partitioning.logical_axis_rules(bool(config.mesh.fsdp))
     return RunContext(config, workdir, bench, model_cfg, tagi_lib.TAGI(model_cfg), task_to_teacher, mesh, rules,
@@ -79,7 +83,8 @@ def run_stage(ctx: RunContext, stage: str, stop_at: int | None = None) -> dict:
     stage_cfg = stage_trainer_config(config, stage)
     loss_fn = make_loss_fn(stage, config, ctx.model, ctx.task_to_teacher)
     trainer = Trainer(stage_cfg, workdir=stage_dir(ctx.workdir, stage), init_fn=stage_init_fn(stage, ctx.model_cfg),
-                      loss_fn=loss_fn, section_names=section_names(stage), mesh=ctx.mesh, rules=ctx.rules)
+                      loss_fn=loss_fn, section_names=section_names(stage), mesh=ctx.mesh, rules=ctx.rules,
+                      name=stage)
     initial = None if has_checkpoint(ctx.workdir, stage) else build_initial_params(stage, ctx, trainer)
     is_pretrain = stage in PRETRAIN_DATA_STAGES
     mixture = ctx.data.pretrain_task if is_pretrain else ctx.data.train_mixture

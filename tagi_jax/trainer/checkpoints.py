@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from tagi_jax.trainer.guards import restore_newest_readable
 from tagi_jax.trainer.optim import path_to_str
 
 
@@ -21,11 +22,12 @@ def _checkpoints_path(directory: str) -> str:
     return os.path.abspath(ckpt)
 
 
-def _latest(manager, ckpt: str, step: int | None) -> int:
-    step = manager.latest_step() if step is None else step
-    if step is None:
+def _steps(manager, ckpt: str, step: int | None) -> list[int]:
+    """[step] if given, else every saved step (newest first is tried first by the callers)."""
+    steps = [step] if step is not None else list(manager.all_steps())
+    if not steps:
         raise FileNotFoundError(f"no checkpoint found in {ckpt}")
-    return step
+    return steps
 
 
 def load_params(directory: str, abstract_params: Any, step: int | None = None) -> Any:
@@ -39,14 +41,15 @@ def load_params(directory: str, abstract_params: Any, step: int | None = None) -
     ckpt = _checkpoints_path(directory)
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     with ocp.CheckpointManager(ckpt, options=options) as manager:
-        step = _latest(manager, ckpt, step)
+        steps = _steps(manager, ckpt, step)
         item = {"params": abstract_params}
         restore_args = jax.tree.map(
             lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), item
         )
-        restored = manager.restore(
-            step, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        )
+        # The newest readable step: a damaged newer one is reported and skipped (it stays where it is).
+        step, restored = restore_newest_readable(steps, lambda s: manager.restore(
+            s, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)),
+            ckpt, move_aside=False)
     # A partial restore hands back the placeholder of a parameter the checkpoint lacks: never train on one.
     for path, leaf in jax.tree_util.tree_flatten_with_path(restored["params"])[0]:
         if isinstance(leaf, jax.ShapeDtypeStruct):
@@ -59,13 +62,19 @@ def saved_param_paths(directory: str, step: int | None = None) -> set[tuple[str,
     ckpt = _checkpoints_path(directory)
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     with ocp.CheckpointManager(ckpt, item_handlers=ocp.StandardCheckpointHandler(), options=options) as manager:
-        metadata = manager.item_metadata(_latest(manager, ckpt, step))
+        steps = _steps(manager, ckpt, step)
+        _, metadata = restore_newest_readable(steps, manager.item_metadata, ckpt, move_aside=False)
     tree = getattr(metadata, "tree", metadata)
     return {tuple(str(getattr(k, "key", k)) for k in path)
             for path, _ in jax.tree_util.tree_flatten_with_path(tree["params"])[0]}
 
 
+def saved_steps(workdir: str) -> list[int]:
+    """The steps saved in a trainer work directory's `checkpoints/` (sorted; nothing is read)."""
+    ckpt = checkpoint_dir(workdir)
+    return sorted(int(name) for name in os.listdir(ckpt) if name.isdigit()) if os.path.isdir(ckpt) else []
+
+
 def has_checkpoint(workdir: str) -> bool:
     """Whether a trainer work directory holds at least one saved step in `checkpoints/`."""
-    ckpt = checkpoint_dir(workdir)
-    return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
+    return bool(saved_steps(workdir))

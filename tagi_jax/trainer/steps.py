@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tagi_jax.trainer.guards import FINITE
 from tagi_jax.trainer.train_state import TrainState
 
 Batch = Mapping[str, Any]
@@ -130,7 +131,8 @@ def train_step(
     """One optimizer update on one global batch; the RNG is `fold_in(base_rng, state.step)`.
 
     Metrics: the loss_fn's (averaged over microbatches) plus `loss`, `grad_norm` (of the trainable gradient,
-    before clipping), `param_norm` (of the trainable parameters) and `learning_rate` (base schedule).
+    before clipping), `param_norm` (of the trainable parameters), `learning_rate` (base schedule) and
+    `all_finite` (1.0 when every other metric is finite).
     """
     rng = jax.random.fold_in(base_rng, state.step)
     grads, metrics = compute_gradients(
@@ -145,6 +147,8 @@ def train_step(
     metrics["param_norm"] = optax.tree.norm(trainable_params)
     if schedule is not None:
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    # One flag for the host to poll (cheap: scalars only): a NaN/Inf anywhere in the gradient shows in grad_norm.
+    metrics[FINITE] = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()])).astype(jnp.float32)
     return state.apply_gradients(grads, tx, trainable), metrics
 
 

@@ -23,7 +23,7 @@ from ml_collections import config_dict
 
 from tagi_jax import partitioning
 from tagi_jax.config import ConfigError, get_key, rename_sections
-from tagi_jax.trainer import optim
+from tagi_jax.trainer import guards, optim
 from tagi_jax.trainer.checkpoints import checkpoint_dir
 from tagi_jax.trainer.config import validate_trainer_config
 from tagi_jax.trainer.metric_writers import MetricWriter, ProgressBar, is_writer_process
@@ -112,11 +112,14 @@ class Trainer:
         mesh: jax.sharding.Mesh | None = None,
         rules=None,
         section_names: Mapping[str, str] | None = None,
+        name: str | None = None,
     ):
         """`section_names` (e.g. {"train": "stages.finetune.train", "optimizer": "stages.finetune.optimizer"})
-        makes config errors name the keys as they appear in the run config."""
+        makes config errors name the keys as they appear in the run config; `name` (default: the work
+        directory's name) names the run in messages, e.g. its pipeline stage."""
         self.config = config
         self.workdir = os.path.abspath(workdir)
+        self.name = name or os.path.basename(self.workdir)
         self.mesh = mesh if mesh is not None else partitioning.create_mesh(config.mesh.data, config.mesh.model)
         self.rules = rules if rules is not None else partitioning.logical_axis_rules(bool(config.mesh.fsdp))
         validate_trainer_config(
@@ -233,20 +236,30 @@ class Trainer:
         return jax.tree.unflatten(jax.tree.structure(self.abstract_params), leaves)
 
     def restore_or_init(self, initial_params: Any | Callable[[], Any] | None = None) -> TrainState:
-        """The latest checkpoint in the work directory if there is one (restored straight into sharded
-        arrays; `initial_params` is then not called), else `init_state(initial_params)`."""
-        latest = self.checkpoints.latest_step()
-        if latest is None:
+        """The newest readable checkpoint in the work directory if there is one (restored straight into sharded
+        arrays; `initial_params` is then not called), else `init_state(initial_params)`. A damaged newer step is
+        moved aside with a warning (`guards.restore_newest_readable`)."""
+        steps = self.checkpoints.all_steps()
+        if not steps:
             return self.init_state(initial_params)
-        self.resumed_from = int(latest)
-        return self.checkpoints.restore(latest, args=ocp.args.StandardRestore(self.abstract_state))
+        step, state = guards.restore_newest_readable(
+            steps, lambda s: self.checkpoints.restore(s, args=ocp.args.StandardRestore(self.abstract_state)),
+            self.checkpoints.directory, move_aside=is_writer_process())
+        if step != max(steps):
+            self.checkpoints.reload()
+        self.resumed_from = int(step)
+        return state
 
-    def save(self, state: TrainState) -> bool:
-        """Checkpoint `state` at its step (no-op if that step is already saved); returns whether it saved."""
+    def save(self, state: TrainState, wait: bool = False) -> bool:
+        """Checkpoint `state` at its step (no-op if that step is already saved); returns whether it saved.
+        `wait`: return only once the checkpoint is complete on disk."""
         step = int(jax.device_get(state.step))
         if step in self.checkpoints.all_steps():
             return False
-        return self.checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
+        saved = self.checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
+        if wait:
+            self.checkpoints.wait_until_finished()
+        return saved
 
     # -- steps ---------------------------------------------------------------------------------------
 
@@ -310,40 +323,65 @@ class Trainer:
             bar.write(f"resuming from checkpoint at step {start} in {self.checkpoints.directory}")
         data: Iterator[Batch] = iter(batches(start))
         sums, last, count, t0 = None, None, 0, time.perf_counter()
+        unchecked = None  # (step, metrics) whose finiteness is checked one step late (no sync per step)
         try:
-            for step in range(start, end):
-                try:
-                    local_batch = next(data)
-                except StopIteration:
-                    raise RuntimeError(f"the data ran out at step {step} (train.steps={train.steps})") from None
-                state, metrics = self.train_step(state, local_batch)
-                done = step + 1
-                sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-                last, count = metrics, count + 1
-                bar.update()
-                if done % train.log_every == 0 or done == end:
-                    values = {k: float(v) / count for k, v in jax.device_get(sums).items()}
-                    if "learning_rate" in last:
-                        values["learning_rate"] = float(jax.device_get(last["learning_rate"]))
-                    elapsed = max(time.perf_counter() - t0, 1e-9)
-                    values["examples_per_second"] = count * train.batch_size / elapsed
-                    values["steps_per_second"] = count / elapsed
-                    self.writer.write_scalars(done, values, "train")
-                    bar.set_metrics(values)
-                    sums, count, t0 = None, 0, time.perf_counter()
-                if train.checkpoint_every and done % train.checkpoint_every == 0:
-                    self.save(state)
-                is_last = done == int(train.steps)
-                if eval_fn is not None and ((train.eval_every and done % train.eval_every == 0) or is_last):
-                    results = eval_fn(state, done)
-                    if results:
-                        values = self.writer.write_scalars(done, results, "eval")
-                        bar.write(f"step {done} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
-            self.save(state)
+            with guards.SignalWatcher() as signals:
+                for step in range(start, end):
+                    try:
+                        local_batch = next(data)
+                    except StopIteration:
+                        raise RuntimeError(f"the data ran out at step {step} (train.steps={train.steps})") from None
+                    state, metrics = self.train_step(state, local_batch)
+                    done = step + 1
+                    if unchecked is not None:
+                        self._check_finite(*unchecked)
+                    unchecked = (done, metrics)
+                    is_log = done % train.log_every == 0 or done == end
+                    is_save = bool(train.checkpoint_every and done % train.checkpoint_every == 0)
+                    if is_log or is_save or signals.received:
+                        self._check_finite(*unchecked)  # never log or save a non-finite state
+                        unchecked = None
+                    metrics = {k: v for k, v in metrics.items() if k != guards.FINITE}
+                    sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+                    last, count = metrics, count + 1
+                    bar.update()
+                    if is_log:
+                        values = {k: float(v) / count for k, v in jax.device_get(sums).items()}
+                        if "learning_rate" in last:
+                            values["learning_rate"] = float(jax.device_get(last["learning_rate"]))
+                        elapsed = max(time.perf_counter() - t0, 1e-9)
+                        values["examples_per_second"] = count * train.batch_size / elapsed
+                        values["steps_per_second"] = count / elapsed
+                        self.writer.write_scalars(done, values, "train")
+                        bar.set_metrics(values)
+                        sums, count, t0 = None, 0, time.perf_counter()
+                    if is_save:
+                        self.save(state)
+                    if signals.received:
+                        self.save(state, wait=True)
+                        raise guards.Preempted(done, self.checkpoints.directory, signals.received)
+                    is_last = done == int(train.steps)
+                    if eval_fn is not None and ((train.eval_every and done % train.eval_every == 0) or is_last):
+                        results = eval_fn(state, done)
+                        if results:
+                            values = self.writer.write_scalars(done, results, "eval")
+                            bar.write(f"step {done} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
+                if unchecked is not None:
+                    self._check_finite(*unchecked)
+                self.save(state)
         finally:
             bar.close()
         self.checkpoints.wait_until_finished()
         return state
+
+    def _check_finite(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+        """Stop (`guards.NonFiniteError`) if the step's metrics hold a NaN/Inf; the state is then not saved."""
+        if float(jax.device_get(metrics[guards.FINITE])) == 1.0:
+            return
+        self.checkpoints.wait_until_finished()
+        raise guards.NonFiniteError(guards.non_finite_message(
+            self.name, step, jax.device_get(dict(metrics)), self.checkpoints.latest_step(),
+            self.checkpoints.directory))
 
     def close(self) -> None:
         self.checkpoints.wait_until_finished()
