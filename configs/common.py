@@ -8,7 +8,8 @@ def pretrained_backbone_config(hypernet_hidden_dim: int, teachers_per: str) -> c
     """`default_config()` with what the paper configs (configs/sni_t5_lm.py, configs/p3_t0.py) share.
 
     A user-supplied T5-LM-adapt checkpoint and its spiece.model (both left empty: required), bfloat16 compute,
-    dropout 0.1; rank-32 LoRA teachers and hypernetwork; hypernetwork pretraining on C4; λ1 = 5,
+    dropout 0.1; rank-32 LoRA teachers and hypernetwork; pretrain and finetune train the hypernetwork, the norms
+    and the shared embedding of the backbone (the original code's choice); hypernetwork pretraining on C4; λ1 = 5,
     λ2 = sigmoid(L_ins), KD temperature 3 against the LoRA teachers; all six stages, every one but finetune and
     hint (which continue from pretrain) starting from the checkpoint. Benchmark, steps and optimizer are theirs.
     """
@@ -18,7 +19,9 @@ def pretrained_backbone_config(hypernet_hidden_dim: int, teachers_per: str) -> c
     c.model.dropout_rate = 0.1
     c.hypernet.update(dict(rank=32, lora_alpha=32.0, hidden_dim=hypernet_hidden_dim, embed_dim=128,
                            dropout_rate=0.1))
-    c.tagi.update(dict(fusion="prepend", teacher_rank=32, teacher_alpha=32.0, teachers_per=teachers_per))
+    # The original code's choice: the hypernetwork, the norms and the shared embedding train, the rest is frozen.
+    c.tagi.update(dict(fusion="prepend", teacher_rank=32, teacher_alpha=32.0, teachers_per=teachers_per,
+                       train_backbone="norms_embeddings"))
     c.data.vocabulary = ""  # required: the backbone's spiece.model
     c.data.pretrain.update(dict(source="tfds:c4/en", min_words=64))
     c.data.pretrain.lengths.update(dict(inputs=512, hyper_inputs=1024, full_inputs=1024, targets=128))

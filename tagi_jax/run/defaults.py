@@ -16,7 +16,8 @@ from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.models.tagi import FUSIONS
 from tagi_jax.models.hypernet import HyperNetConfig
 from tagi_jax.models.t5_config import T5Config
-from tagi_jax.run.stages import DEFAULT_INIT_FROM, METHODS, STAGES, section_names, stage_trainer_config
+from tagi_jax.run.stages import (BACKBONE_POLICIES, DEFAULT_INIT_FROM, METHODS, STAGES, section_names,
+                                  stage_trainer_config)
 from tagi_jax.trainer import config as trainer_config
 from tasks import sni
 from tasks.p3.datasets import MTEST11, T0_TRAIN_DATASETS
@@ -43,6 +44,9 @@ def default_config() -> config_dict.ConfigDict:
         "teacher_rank": 32,
         "teacher_alpha": 32.0,
         "teachers_per": "task",  # "task" or "category"
+        # What the TAGI stages (pretrain, finetune) train of the backbone: "none" (the paper), "norms_embeddings"
+        # (the original code: RMS-norm scales and the shared embedding) or "all" (tagi_jax.run.stages).
+        "train_backbone": "all",
     })
     c.data = config_dict.ConfigDict({
         "benchmark": "synthetic",
@@ -133,6 +137,7 @@ def validate(config: config_dict.ConfigDict) -> None:
             raise ConfigError(f"config key 'pipeline.evaluate': unknown method {m!r} (known: {tuple(METHODS)})")
     require_choice(config, "tagi.teachers_per", ("task", "category"))
     require_choice(config, "tagi.fusion", FUSIONS)
+    require_choice(config, "tagi.train_backbone", BACKBONE_POLICIES)
     _validate_data_paths(config)
     _validate_sizes(config)
     require_choice(config, "loss.alignment", ("delta", "factor"))

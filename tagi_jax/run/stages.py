@@ -62,16 +62,23 @@ DEFAULT_INIT_FROM = {
     "no_instruction": "backbone",
     "hint": "pretrain",
 }
+# How much of the backbone the TAGI student stages (`pretrain`, `finetune`) train, `tagi.train_backbone`: the
+# paper keeps the LLM frozen ("none"); the original code trains the norms and the shared embedding
+# ("norms_embeddings"); "all" trains every backbone weight. The baselines and HINT always train all of it.
+BACKBONE_POLICIES = ("none", "norms_embeddings", "all")
+POLICY_STAGES = ("pretrain", "finetune")
+_STUDENT = ("fusion", "hypernet", "hyper_encoder")
+_BACKBONE = {"none": (), "norms_embeddings": ("norms_embeddings",), "all": ("t5", "norms_embeddings")}
 # Which parameter subtrees each stage trains (everything else is frozen: no optimizer state). "fusion" is the
-# encoder-fusion blocks inside "t5" (`SUBTREE_PATTERNS`); "t5" is the rest of the backbone.
+# encoder-fusion blocks inside "t5", "norms_embeddings" its RMS-norm scales and shared embedding, "t5" the rest.
 STAGE_TRAINS = {
-    "backbone": ("t5",),
+    "backbone": _BACKBONE["all"],
     "teachers": ("teachers",),
-    "pretrain": ("t5", "fusion", "hypernet", "hyper_encoder"),
-    "finetune": ("t5", "fusion", "hypernet", "hyper_encoder"),
-    "concat": ("t5",),
-    "no_instruction": ("t5",),
-    "hint": ("t5", "fusion", "hypernet", "hyper_encoder"),
+    "pretrain": _BACKBONE["all"] + _STUDENT,
+    "finetune": _BACKBONE["all"] + _STUDENT,
+    "concat": _BACKBONE["all"],
+    "no_instruction": _BACKBONE["all"],
+    "hint": _BACKBONE["all"] + _STUDENT,
 }
 # Stages whose model reads instruction states (the student): only their trees hold encoder-fusion blocks (with
 # `tagi.fusion = "encoder_cross_attention"`); the baselines, the backbone and the finetune teacher never read
@@ -79,9 +86,11 @@ STAGE_TRAINS = {
 # initialisation, so it starts from exactly its source's function.
 FUSION_STAGES = ("pretrain", "finetune", "hint")
 _FUSION_PATH = rf"encoder/layers_\d+/(?:{FUSION_NORM}|{FUSION_ATTENTION})/"
-# Regexes (after the optional "student/" prefix) matching each subtree's parameter paths.
+_NORM_OR_EMBEDDING = r"token_embedder/|(?:encoder|decoder)/(?:layers_\d+/[a-z_]*layer_norm|encoder_norm|decoder_norm)/"
+# Regexes (after the optional "student/" prefix) matching each subtree's parameter paths; they are disjoint.
 SUBTREE_PATTERNS = {
-    "t5": f"t5/(?!{_FUSION_PATH})",
+    "t5": f"t5/(?!{_FUSION_PATH}|{_NORM_OR_EMBEDDING})",
+    "norms_embeddings": f"t5/(?!{_FUSION_PATH})(?:{_NORM_OR_EMBEDDING})",
     "fusion": f"t5/{_FUSION_PATH}",
     "hypernet": "hypernet/",
     "hyper_encoder": "hyper_encoder/",
@@ -90,9 +99,16 @@ SUBTREE_PATTERNS = {
 PRETRAIN_DATA_STAGES = ("backbone", "pretrain")  # stages trained on the pretraining task, not the benchmark
 
 
-def frozen_patterns(stage: str) -> tuple[str, ...]:
+def stage_trains(stage: str, train_backbone: str = "all") -> tuple[str, ...]:
+    """The subtrees `stage` trains under the `tagi.train_backbone` policy."""
+    if stage in POLICY_STAGES:
+        return _BACKBONE[train_backbone] + _STUDENT
+    return STAGE_TRAINS[stage]
+
+
+def frozen_patterns(stage: str, train_backbone: str = "all") -> tuple[str, ...]:
     """The optimizer's `frozen` regexes that freeze what `stage` does not train (and the finetune teacher)."""
-    trains = STAGE_TRAINS[stage]
+    trains = stage_trains(stage, train_backbone)
     prefix = "student/" if stage == "finetune" else ""
     names = [s for s in SUBTREE_PATTERNS if s not in trains]
     # One alternation, so a subtree the model lacks (hyper_encoder, teachers, fusion) is not a no-match error.
@@ -112,7 +128,7 @@ def stage_trainer_config(config: config_dict.ConfigDict, stage: str) -> config_d
     section = config.stages[stage]
     optimizer = copy.deepcopy(section.optimizer)
     with optimizer.unlocked():
-        optimizer.frozen = tuple(optimizer.frozen) + frozen_patterns(stage)
+        optimizer.frozen = tuple(optimizer.frozen) + frozen_patterns(stage, config.tagi.get("train_backbone", "all"))
     return config_dict.ConfigDict({
         "seed": config.seed + STAGES.index(stage),
         "train": copy.deepcopy(section.train),
