@@ -55,7 +55,7 @@ def get_config():
     # ‖ΔW‖² ~ 1e9 within a few hundred steps. A 20x smaller rate keeps them in the teachers' range.
     for stage in ("pretrain", "finetune", "hint"):
         c.stages[stage].optimizer.groups = {
-            "generator_heads": {"pattern": r"hypernet/[^/]+/[AB]_(kernel|bias)$", "lr_scale": 0.05}}
+            "generator_heads": {"pattern": r"hypernet/[^/]+/[AB]_\w+$", "lr_scale": 0.05}}
 
     c.mesh.update(dict(data=-1, model=1))
     c.eval.update(dict(batch_size=128, max_decode_len=16, beam_size=1, max_examples_per_task=20))

@@ -34,9 +34,11 @@ _BASE_RULES: tuple[tuple[str, Any], ...] = (
     ("relpos_buckets", None),
     ("layers", None),
     ("lora_rank", None),
-    ("tasks", None),  # rows of the teacher-LoRA table
+    ("tasks", None),  # rows of the teacher-LoRA table (a task count rarely divides a mesh axis)
+    ("teacher_factor", DATA_AXIS),  # the teacher table's d_in / d_out: the table is split, not replicated
     ("hyper_hidden", MODEL_AXIS),
     ("adapter_embed", None),
+    ("head_factor", None),  # the generator heads' factorisation / bottleneck width
 )
 
 
@@ -173,14 +175,19 @@ def model_info_lines(params: Any, mesh_specs: Any, prefix: str = "params") -> li
         raise ValueError("model info: parameter tree and partition-spec tree differ")
     lines = []
     total = 0
+    by_part: dict[str, int] = {}
     for (path, leaf), spec in zip(flat_params, flat_specs):
-        name = prefix + "/" + "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        name = prefix + "/" + "/".join(keys)
         size = math.prod(leaf.shape)
         total += size
+        part = "/".join(keys[:2] if keys[0] in ("student", "teacher") and len(keys) > 2 else keys[:1])
+        by_part[part] = by_part.get(part, 0) + size
         lines.append(
             f"Variable {name:<80} size {size:<12} shape {tuple(leaf.shape)!s:<24} "
             f"dtype {np.dtype(leaf.dtype).name:<9} partition spec {tuple(spec)}"
         )
+    lines += [f"Parameters in {part}: {n}" for part, n in by_part.items()]
     lines.append(f"Total number of parameters: {total}")
     return lines
 

@@ -114,13 +114,14 @@ def test_every_parameter_named_and_placed_on_a_mesh(boxed, params):
     assert tuple(head["A_kernel"]) == ("hyper_hidden", "embed", "lora_rank")
     assert tuple(head["B_kernel"]) == ("hyper_hidden", "lora_rank", "joined_kv")
     assert tuple(specs["hypernet"]["layer_embedding"]) == ("layers", "adapter_embed")
-    assert tuple(specs["teachers"]["encoder_self.q"]["A"]) == ("tasks", "layers", "embed", "lora_rank")
+    assert tuple(specs["teachers"]["encoder_self.q"]["A"]) == ("tasks", "layers", "teacher_factor", "lora_rank")
     # The logical names map to valid shardings of a (4, 2) fake-device mesh with FSDP rules.
     mesh = partitioning.create_mesh(4, 2, jax.devices()[:8])
     rules = partitioning.logical_axis_rules(fsdp=True)
     mesh_specs = partitioning.logical_to_mesh_specs(specs, rules)
     assert tuple(mesh_specs["hypernet"]["encoder_self.q"]["B_kernel"]) == (None, None, "model")
     assert tuple(mesh_specs["hypernet"]["encoder_self.q"]["A_kernel"]) == ("model", "data", None)
+    assert tuple(mesh_specs["teachers"]["encoder_self.q"]["A"]) == (None, None, "data", None)  # split, not copied
     placed = jax.device_put(params, partitioning.mesh_shardings(mesh, mesh_specs))
     np.testing.assert_array_equal(placed["hypernet"]["encoder_self.q"]["A_kernel"],
                                   params["hypernet"]["encoder_self.q"]["A_kernel"])

@@ -2,11 +2,15 @@
 the paper and the original code state them (written out here, not taken from tagi_jax/run/stages.py)."""
 import re
 
+import flax.linen as nn
 import jax
 import pytest
 from flax import traverse_util
+from jax.sharding import PartitionSpec
 
+from tagi_jax import partitioning
 from tagi_jax.config import load_config
+from tagi_jax.models.t5_config import T5Config
 from tagi_jax.run import defaults as run_defaults
 from tagi_jax.run import stages
 from tagi_jax.trainer.trainer import Trainer
@@ -88,3 +92,37 @@ def test_unknown_backbone_policy_is_a_config_error():
 def test_paper_configs_train_norms_and_embeddings():
     assert load_config(DEMO.replace("demo.py", "sni_t5_lm.py")).tagi.train_backbone == "norms_embeddings"
     assert load_config(DEMO.replace("demo.py", "p3_t0.py")).tagi.train_backbone == "norms_embeddings"
+
+
+# ------------------------------------------------------------------------------------------------ sizes at real shapes
+T5_XL = dict(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_heads=32, num_encoder_layers=24,
+             num_decoder_layers=24)
+
+
+def _count(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def test_xl_finetune_tree_holds_one_table_sharded_and_fits_its_budget():
+    """configs/sni_t5_lm.py:xl's finetune tree, abstractly (nothing allocated). Budget, derived here: the student
+    and the frozen KL teacher each hold the backbone (2 x 2.85 B); the teacher table has one row per SNI category
+    (60) of rank-32 q/v LoRAs on 6 targets x 24 layers, r·(d_in + d_out) = 32·4096 values each: 1.13 B; the
+    generator is at most 10% of the backbone. Before, the table also sat in the student (and again in a fresh
+    copy), one row per task (756): 14.3 B values per copy."""
+    config = load_config(DEMO.replace("demo.py", "sni_t5_lm.py") + ":xl")
+    assert config.tagi.teachers_per == "category"
+    model_cfg = run_defaults.tagi_config(config, num_teachers=60, t5=T5Config(dropout_rate=0.1, **T5_XL))
+    boxed = jax.eval_shape(stages.stage_init_fn("finetune", model_cfg), jax.random.key(0))
+    tree = nn.meta.unbox(boxed)
+    assert "teachers" not in tree["student"] and set(tree["teacher"]) == {"hypernet", "t5", "teachers"}
+    backbone = _count(tree["student"]["t5"])
+    assert backbone == 2_849_757_184  # google/t5-xl-lm-adapt (untied output layer)
+    table = _count(tree["teacher"]["teachers"])
+    assert table == 60 * 6 * 24 * 32 * (2048 + 2048) == 1_132_462_080
+    assert _count(tree["student"]["hypernet"]) <= 0.10 * backbone
+    assert _count(tree) <= 2 * backbone + table + 2 * 0.10 * backbone  # 7.4 B; measured 6.94 B
+    # The table is split over the mesh's data axis along its factors, not replicated.
+    specs = partitioning.logical_to_mesh_specs(partitioning.params_logical_specs(boxed),
+                                               partitioning.logical_axis_rules(False))
+    table_specs = jax.tree.leaves(specs["teacher"]["teachers"], is_leaf=lambda x: isinstance(x, PartitionSpec))
+    assert table_specs and all(partitioning.DATA_AXIS in tuple(spec) for spec in table_specs), table_specs

@@ -33,9 +33,12 @@ def _trained_like(params, seed=1):
 def test_shapes_names_and_init(boxed):
     assert partitioning.unnamed_parameters(boxed) == []
     specs = partitioning.params_logical_specs(boxed)
-    assert tuple(specs["encoder_self.q"]["A"]) == ("tasks", "layers", "embed", "lora_rank")
-    assert tuple(specs["decoder_ffn.wo"]["B"]) == ("tasks", "layers", "lora_rank", "embed")
-    assert tuple(specs["encoder_self.o"]["A"]) == ("tasks", "layers", "joined_kv", "lora_rank")
+    # The table's d_in / d_out axis is its own logical name, split over `data` (not replicated per device).
+    assert tuple(specs["encoder_self.q"]["A"]) == ("tasks", "layers", "teacher_factor", "lora_rank")
+    assert tuple(specs["decoder_ffn.wo"]["B"]) == ("tasks", "layers", "lora_rank", "teacher_factor")
+    assert tuple(specs["encoder_self.o"]["A"]) == ("tasks", "layers", "teacher_factor", "lora_rank")
+    rules = dict(partitioning.logical_axis_rules())
+    assert rules["teacher_factor"] == "data" and rules.get("tasks") is None
     params = nn.meta.unbox(boxed)
     a, b = params["decoder_ffn.wi_0"]["A"], params["decoder_ffn.wi_0"]["B"]
     assert a.shape == (NUM_TASKS, T5.num_decoder_layers, T5.d_model, 3)
@@ -59,9 +62,11 @@ def test_gathers_each_examples_teacher(boxed):
 
 
 def test_out_of_range_task_is_loud_not_another_teacher(boxed):
-    adapters = jax.jit(_table().apply)({"params": nn.meta.unbox(boxed)}, np.array([0, NUM_TASKS], np.int32))
+    # -1 is what the feature converter gives a task outside the training tasks; `take` alone would wrap it.
+    ids = np.array([0, NUM_TASKS, -1], np.int32)
+    adapters = jax.jit(_table().apply)({"params": nn.meta.unbox(boxed)}, ids)
     a = np.asarray(adapters["encoder_self.q"]["A"])
-    assert np.all(np.isfinite(a[0])) and np.all(np.isnan(a[1]))
+    assert np.all(np.isfinite(a[0])) and np.all(np.isnan(a[1])) and np.all(np.isnan(a[2]))
 
 
 def _toy_per_example_loss(adapters, inputs):

@@ -14,6 +14,9 @@ from tagi_jax.models import lora
 from tagi_jax.models.t5_config import DictConfig, T5Config
 
 
+HEADS = ("dense", "factorised", "bottleneck")
+
+
 @dataclasses.dataclass(frozen=True)
 class HyperNetConfig(DictConfig):
     """What the hypernetwork generates and how wide it is."""
@@ -26,6 +29,12 @@ class HyperNetConfig(DictConfig):
     share_generator_across_layers: bool = True
     dropout_rate: float = 0.1
     activation: str = "gelu"          # "gelu" or "relu"
+    # How z [H] becomes A [d_in, r] and B [r, d_out]: "dense" (one H x d_in·r kernel per factor: ~151 M
+    # parameters at T5-Base with H=512), "factorised" (that kernel as a rank-`head_dim` product: H x head_dim
+    # coefficients times head_dim basis matrices) or "bottleneck" (the original code's: a width-`head_dim`
+    # hidden layer with the activation, then the output layer).
+    head: str = "dense"
+    head_dim: int = 8
 
     def __post_init__(self):
         object.__setattr__(self, "adapter_targets", tuple(self.adapter_targets))
@@ -44,6 +53,12 @@ class HyperNetConfig(DictConfig):
             raise ValueError(f"hypernet.dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.activation not in ("gelu", "relu"):
             raise ValueError(f"hypernet.activation: {self.activation!r} (expected 'gelu' or 'relu')")
+        if self.head not in HEADS:
+            raise ValueError(f"hypernet.head: {self.head!r} is not one of {HEADS}")
+        if self.head != "dense" and not self.share_generator_across_layers:
+            raise ValueError(f"hypernet.head={self.head!r} needs share_generator_across_layers=True")
+        if self.head_dim <= 0:
+            raise ValueError(f"hypernet.head_dim must be positive, got {self.head_dim}")
 
     @property
     def scale(self) -> float:
@@ -87,7 +102,9 @@ class HyperNetwork(nn.Module):
        each layer has its own heads.
 
     Initialisation. Every B head (kernel and bias) starts at exactly zero and every A head is random, so
-    the generated update ΔW = scale·A·B is exactly 0 at step 0 (the student starts as the backbone) while
+    the generated update ΔW = scale·A·B is exactly 0 at step 0 (the adapted projections start as the backbone's;
+    the student as a whole does not when it also reads the encoded instruction: `prepend` fusion changes what the
+    decoder attends to from the first step, only `none` and the zero-output encoder blocks do not) while
     learning can start: ∂L/∂B = scale·Aᵀ(∂L/∂ΔW) is non-zero because A is, so the B heads move at the first
     step, and from then on ∂L/∂A = scale·(∂L/∂ΔW)Bᵀ and the gradient to the trunk and encoder are non-zero
     too. The original code initialised *both* heads near zero: with A ≈ B ≈ 0 both gradients are ≈ 0
@@ -167,6 +184,8 @@ class GeneratorHeads(nn.Module):
             batch_axis=(0,) if not shared else (),
         )
         zeros = nn.initializers.zeros_init()
+        if cfg.head != "dense":
+            return self._low_rank(z, a_init)
         wa = _param(self, "A_kernel", a_init, lead + (hdim, spec.d_in, r), lead_axes + ("hyper_hidden", spec.in_axis, "lora_rank"), self.param_dtype)
         ba = _param(self, "A_bias", zeros, lead + (spec.d_in, r), lead_axes + (spec.in_axis, "lora_rank"), self.param_dtype)
         wb = _param(self, "B_kernel", zeros, lead + (hdim, r, spec.d_out), lead_axes + ("hyper_hidden", "lora_rank", spec.out_axis), self.param_dtype)
@@ -181,3 +200,28 @@ class GeneratorHeads(nn.Module):
         a = nn.with_logical_constraint(a, ("batch", "layers", None, "lora_rank"))
         b = nn.with_logical_constraint(b, ("batch", "layers", "lora_rank", None))
         return a, b
+
+    def _low_rank(self, z: jax.Array, a_init) -> tuple[jax.Array, jax.Array]:
+        """"factorised": u = z·C (linear), "bottleneck": u = act(z·C + c); then A = u·basis_A + bias, likewise B.
+        B's basis starts at zero (ΔW = 0 at step 0); C is random, so B's basis learns from the first step."""
+        cfg, spec, dt = self.config, self.spec, self.dtype
+        r, k = cfg.rank, cfg.head_dim
+        normal, zeros = nn.initializers.lecun_normal(), nn.initializers.zeros_init()
+        out = []
+        for factor, shape, axes, basis_init in (("A", (spec.d_in, r), (spec.in_axis, "lora_rank"), a_init),
+                                               ("B", (r, spec.d_out), ("lora_rank", spec.out_axis), zeros)):
+            coef = _param(self, f"{factor}_coefficients", normal, (cfg.hidden_dim, k), ("hyper_hidden", "head_factor"),
+                          self.param_dtype)
+            basis = _param(self, f"{factor}_basis", basis_init, (k,) + shape, ("head_factor",) + axes, self.param_dtype)
+            bias = _param(self, f"{factor}_bias", zeros, shape, axes, self.param_dtype)
+            u = jnp.einsum("blh,hk->blk", z.astype(dt), coef.astype(dt))
+            if cfg.head == "bottleneck":
+                u = self._act(u + _param(self, f"{factor}_coefficients_bias", zeros, (k,), ("head_factor",),
+                                         self.param_dtype).astype(dt))
+            out.append(jnp.einsum("blk,kxy->blxy", u, basis.astype(dt)) + bias.astype(dt))
+        a = nn.with_logical_constraint(out[0], ("batch", "layers", None, "lora_rank"))
+        b = nn.with_logical_constraint(out[1], ("batch", "layers", "lora_rank", None))
+        return a, b
+
+    def _act(self, x):
+        return nn.gelu(x) if self.config.activation == "gelu" else nn.relu(x)

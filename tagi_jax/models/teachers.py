@@ -26,20 +26,22 @@ class TeacherTable(nn.Module):
     """`num_tasks` LoRA adapters for `targets`; `__call__(task_id [b])` -> adapters pytree with a batch axis.
 
     Parameters mirror the adapters pytree: `{<target>: {"A": [tasks, layers, d_in, r],
-    "B": [tasks, layers, r, d_out]}}` with logical axes ('tasks', 'layers', in_axis, 'lora_rank') and
-    ('tasks', 'layers', 'lora_rank', out_axis).
+    "B": [tasks, layers, r, d_out]}}` with logical axes ('tasks', 'layers', 'teacher_factor', 'lora_rank') and
+    ('tasks', 'layers', 'lora_rank', 'teacher_factor'): the table is split over the mesh's `data` axis along
+    d_in / d_out (d_model- or d_ff-sized, divisible by any data axis in practice, unlike the task count), so
+    a table of many tasks is not replicated on every device.
 
     Instead of one training run per task (the original code ran 60 separate ones), every task's LoRA factors
     are rows of one table, `A: [tasks, layers, d_in, r]` and `B: [tasks, layers, r, d_out]` per target, and
     each example gathers its own task's rows by `task_id`. The result is an ordinary adapters pytree with a
     batch axis (`tagi_jax.models.lora`), so the backbone needs no special path.
 
-    Why this equals separate training: gathering is linear, so the gradient of a row is the sum of the
-    gradients of the examples that gathered it; rows of tasks absent from a batch get exactly zero. With a
-    loss that *sums* over examples a joint SGD step is exactly the per-task steps run side by side (with a
-    mean, each task's step is scaled by 1/batch). Adam is per-parameter too, so rows never mix; the one
-    difference from separate runs is that a row's moment estimates (and weight decay) still tick on steps
-    where its task is absent.
+    How close this is to separate training: gathering is linear, so the raw gradient of a row is the sum of
+    the gradients of the examples that gathered it, and rows of tasks absent from a batch get exactly zero.
+    The update couples rows in three ways, so it is not the per-task runs side by side: the loss is a token
+    mean over the whole batch (a task's step shrinks with the other tasks' tokens), global-norm clipping
+    scales every row by the norm of all of them, and a row's Adam moments (and weight decay) still tick on
+    steps where its task is absent. Adam itself is per-parameter: no row's value enters another's update.
 
     Initialisation is PEFT's: B = 0 (so each teacher starts as the backbone) and A kaiming-uniform with
     bound 1/sqrt(d_in).
@@ -79,15 +81,17 @@ class _TargetTable(nn.Module):
         pdtype = self.t5.jnp_param_dtype
         a = self.param(
             "A",
-            nn.with_logical_partitioning(_lora_a_init(spec.d_in), ("tasks", "layers", spec.in_axis, "lora_rank")),
+            nn.with_logical_partitioning(_lora_a_init(spec.d_in), ("tasks", "layers", "teacher_factor", "lora_rank")),
             (self.num_tasks, spec.num_layers, spec.d_in, self.rank), pdtype,
         )
         b = self.param(
             "B",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("tasks", "layers", "lora_rank", spec.out_axis)),
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("tasks", "layers", "lora_rank", "teacher_factor")),
             (self.num_tasks, spec.num_layers, self.rank, spec.d_out), pdtype,
         )
-        # An out-of-range id gives NaN factors (loud), never another task's teacher (XLA would clamp).
+        # An out-of-range id (negative ones included, which `take` would wrap) gives NaN factors (loud), never
+        # another task's teacher (XLA would clamp).
+        task_id = jnp.where(task_id < 0, self.num_tasks, task_id)
         ga = jnp.take(a, task_id, axis=0, mode="fill", fill_value=jnp.nan)
         gb = jnp.take(b, task_id, axis=0, mode="fill", fill_value=jnp.nan)
         return {

@@ -43,7 +43,7 @@ def _initial_sources(stage: str, config) -> list[tuple[str, tuple[str, ...], tup
         subtrees.append("hypernet")
     if stage == "hint" and src == "pretrain" and config.tagi.separate_hyper_encoder:
         subtrees.append("hyper_encoder")
-    if src == "teachers":
+    if src == "teachers" and stage == "teachers":  # only stage 0's own tree holds a teacher table
         subtrees.append("teachers")
     return [(src, (s,), (s,)) for s in subtrees]
 
@@ -62,13 +62,6 @@ def _set(tree, path, value):
 
 def _flat(tree) -> dict:
     return traverse_util.flatten_dict(tree)
-
-
-def _like(tree, abstract):
-    """`tree` cut to the parameters of `abstract` (a stage without a student drops the fusion blocks of the
-    run's one fresh initialisation)."""
-    flat = _flat(tree)
-    return traverse_util.unflatten_dict({path: flat[path] for path in _flat(abstract)})
 
 
 def _check_missing(missing, source: str, stage: str) -> None:
@@ -97,7 +90,7 @@ def overlay_host(fresh, host, abstract, source: str, stage: str):
 def build_initial_params(stage: str, ctx, trainer) -> Callable[[], Any] | None:
     """A thunk giving the stage's starting parameters: the run's one fresh initialisation overlaid with earlier
     stages' outputs (and the imported Hugging Face backbone). `ctx` is the pipeline's `RunContext` (config,
-    workdir, hf_params, fresh_params()), `trainer` the stage's (its `abstract_params` with shardings)."""
+    workdir, hf_params, fresh_params(stage)), `trainer` the stage's (its `abstract_params` with shardings)."""
     config, workdir, hf_params = ctx.config, ctx.workdir, ctx.hf_params
     sources = _initial_sources(stage, config)
     needs_hf = hf_params is not None and not any(t[-1] == "t5" for _, _, t in sources)
@@ -105,11 +98,7 @@ def build_initial_params(stage: str, ctx, trainer) -> Callable[[], Any] | None:
         _require_stage_output(workdir, src, stage)
 
     def thunk():
-        if stage == "finetune":
-            params = {"student": ctx.fresh_params(), "teacher": ctx.fresh_params()}
-        else:
-            params = ctx.fresh_params()
-        params = _like(params, trainer.abstract_params)
+        params = ctx.fresh_params(stage)
         if needs_hf:
             roots = [("student",), ("teacher",)] if stage == "finetune" else [()]
             checkpoint = f"model.checkpoint {config.model.checkpoint!r}"

@@ -110,8 +110,10 @@ def frozen_patterns(stage: str, train_backbone: str = "all") -> tuple[str, ...]:
     """The optimizer's `frozen` regexes that freeze what `stage` does not train (and the finetune teacher)."""
     trains = stage_trains(stage, train_backbone)
     prefix = "student/" if stage == "finetune" else ""
-    names = [s for s in SUBTREE_PATTERNS if s not in trains]
-    # One alternation, so a subtree the model lacks (hyper_encoder, teachers, fusion) is not a no-match error.
+    # Only the stage-0 tree and the finetune teacher hold the teacher table (see TEACHER_STAGES); the latter is
+    # frozen whole below, so no other tree has a table to freeze.
+    names = [s for s in SUBTREE_PATTERNS if s not in trains and s != "teachers"]
+    # One alternation, so a subtree the model lacks (hyper_encoder, fusion) is not a no-match error.
     frozen = (f"^{prefix}(?:{'|'.join(SUBTREE_PATTERNS[s] for s in names)})",) if names else ()
     if stage == "finetune":
         frozen += ("^teacher/",)
@@ -138,27 +140,31 @@ def stage_trainer_config(config: config_dict.ConfigDict, stage: str) -> config_d
     })
 
 
-def tree_config(model_cfg: tagi_lib.TAGIConfig, with_student: bool) -> tagi_lib.TAGIConfig:
+# Stages whose model reads the teacher table: only their trees hold it (the finetune teacher's, not its student).
+TEACHER_STAGES = ("teachers", "finetune")
+
+
+def tree_config(model_cfg: tagi_lib.TAGIConfig, with_student: bool, with_teachers: bool) -> tagi_lib.TAGIConfig:
     """The config whose tree a model part holds: without a student, no encoder-fusion blocks (the other
-    fusions add no parameters)."""
+    fusions add no parameters); without teachers, no teacher table."""
     if model_cfg.fusion == "encoder_cross_attention" and not with_student:
-        return model_cfg.replace(fusion="none")
+        model_cfg = model_cfg.replace(fusion="none")
+    if not with_teachers:
+        model_cfg = model_cfg.replace(num_teachers=0)
     return model_cfg
 
 
 def stage_init_fn(stage: str, model_cfg: tagi_lib.TAGIConfig) -> Callable[[jax.Array], Any]:
-    """The boxed parameter tree of a stage (for the trainer's abstract/sharded init).
+    """The boxed parameter tree of a stage (for the trainer's abstract/sharded init, and a stage's fresh values).
 
-    Every stage trains the same `TAGI` tree (t5, hypernet, teachers) with what it does not use frozen, except
+    Every stage trains a `TAGI` tree (t5, hypernet; teachers in stage 0) with what it does not use frozen, except
     `finetune`, whose tree is {"student": ..., "teacher": ...} with the teacher frozen, so the KL teacher keeps
-    the backbone it was trained on while the student's backbone moves.
+    the backbone it was trained on while the student's backbone moves. Both halves use the same rng: flax derives
+    each parameter's initial value from its path, so every tree has the same fresh values where paths agree.
     """
-    own = tree_config(model_cfg, stage in FUSION_STAGES)
     if stage == "finetune":
-        teacher = tree_config(model_cfg, False)
-
-        def init_fn(rng):
-            r1, r2 = jax.random.split(rng)
-            return {"student": tagi_lib.init_params(own, r1), "teacher": tagi_lib.init_params(teacher, r2)}
-        return init_fn
+        student = tree_config(model_cfg, with_student=True, with_teachers=False)
+        teacher = tree_config(model_cfg, with_student=False, with_teachers=True)
+        return lambda rng: {"student": tagi_lib.init_params(student, rng), "teacher": tagi_lib.init_params(teacher, rng)}
+    own = tree_config(model_cfg, with_student=stage in FUSION_STAGES, with_teachers=stage == "teachers")
     return lambda rng: tagi_lib.init_params(own, rng)
