@@ -20,7 +20,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from tagi_jax import cli  # noqa: E402
 from tagi_jax.run import pipeline  # noqa: E402
-from tagi_jax.trainer.trainer import initialize_distributed  # noqa: E402
+from tagi_jax.trainer.distributed import initialize_distributed  # noqa: E402
 
 
 def define_flags(argv) -> flags.FlagValues:

@@ -164,6 +164,54 @@ def test_alignment_equals_brute_force_matrix_norm():
     assert float(adapter_alignment(gen, gen)) < 1e-3 * _brute_delta(gen, teacher)
 
 
+def _brute_per_target(gen, teacher):
+    """{target: (‖ΔW_g − ΔW_t‖² [batch], ‖ΔW_t‖² [batch], layers·d_in·d_out)} in float64, from full matrices."""
+    out = {}
+    for target in gen:
+        g, t = gen[target], teacher[target]
+        dg = g["scale"] * np.einsum("...dr,...ro->...do", g["A"].astype(np.float64), g["B"].astype(np.float64))
+        dt = t["scale"] * np.einsum("...dr,...ro->...do", t["A"].astype(np.float64), t["B"].astype(np.float64))
+        dg, dt = np.broadcast_arrays(dg, dt)
+        out[target] = (((dg - dt) ** 2).sum(axis=(-3, -2, -1)), (dt ** 2).sum(axis=(-3, -2, -1)), dg[0].size)
+    return out
+
+
+def _brute_relative(gen, teacher):
+    """{target: batch mean of Σ_layers ‖ΔW_g − ΔW_t‖² / ‖ΔW_t‖²}, per layer from full float64 matrices."""
+    out = {}
+    for target in gen:
+        g, t = gen[target], teacher[target]
+        dg = g["scale"] * np.einsum("...dr,...ro->...do", g["A"].astype(np.float64), g["B"].astype(np.float64))
+        dt = t["scale"] * np.einsum("...dr,...ro->...do", t["A"].astype(np.float64), t["B"].astype(np.float64))
+        dg, dt = np.broadcast_arrays(dg, dt)
+        out[target] = (((dg - dt) ** 2).sum(axis=(-2, -1)) / (dt ** 2).sum(axis=(-2, -1))).sum(axis=-1).mean()
+    return out
+
+
+def test_each_alignment_reduction_against_full_matrices():
+    rng = np.random.default_rng(4)
+    gen = _random_adapters(rng, TARGETS, rank=4, scale=0.5)
+    teacher = _random_adapters(rng, TARGETS, rank=3, scale=2.0)
+    parts = _brute_per_target(gen, teacher)
+    jgen, jteacher = jax.tree.map(jnp.asarray, gen), jax.tree.map(jnp.asarray, teacher)
+    expected = {
+        "sum": sum(d.mean() for d, _, _ in parts.values()),
+        "mean": sum(d.mean() / n for d, _, n in parts.values()),
+        "relative": sum(v for v in _brute_relative(gen, teacher).values()),
+    }
+    for reduction, value in expected.items():
+        got = losses.alignment_loss(jgen, jteacher, "delta", reduction)
+        np.testing.assert_allclose(got, value, rtol=1e-5, err_msg=reduction)
+    # "relative" counts the adapted matrices (2 targets x 2 layers) when nothing is generated (B = 0), whatever
+    # the sizes and the teacher's scale.
+    nothing = {k: {**v, "B": np.zeros_like(v["B"])} for k, v in gen.items()}
+    assert float(losses.alignment_loss(nothing, jteacher, "delta", "relative")) == pytest.approx(4.0, rel=1e-5)
+    bigger = {k: {**v, "scale": np.float32(100.0)} for k, v in teacher.items()}
+    assert float(losses.alignment_loss(nothing, bigger, "delta", "relative")) == pytest.approx(4.0, rel=1e-5)
+    with pytest.raises(ValueError, match="alignment_reduction"):
+        losses.alignment_loss(jgen, jteacher, "delta", "median")
+
+
 def test_alignment_invariant_to_refactorisation():
     rng = np.random.default_rng(1)
     gen = _random_adapters(rng, TARGETS)

@@ -15,7 +15,7 @@ from tagi_jax.trainer import optim
 from tagi_jax.trainer import checkpoints
 from tagi_jax.trainer import config as trainer_config
 from tagi_jax.trainer import steps
-from tagi_jax.trainer import trainer
+from tagi_jax.trainer import distributed, trainer
 from tagi_jax.trainer.train_state import TrainState
 
 D_IN, HIDDEN, D_OUT = 4, 16, 4
@@ -329,8 +329,8 @@ def test_initial_params_are_checked_and_used(tmp_path, params0):
 
 
 def test_host_batch_slice_single_process():
-    assert trainer.host_batch_slice(8) == slice(0, 8)
-    batch = trainer.make_global_batch(make_batch(0), partitioning.create_mesh(4, 2))
+    assert distributed.host_batch_slice(8) == slice(0, 8)
+    batch = distributed.make_global_batch(make_batch(0), partitioning.create_mesh(4, 2))
     assert batch["x"].shape == (BATCH, D_IN) and batch["x"].sharding.spec == jax.sharding.PartitionSpec("data", None)
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from tagi_jax import features as F
 from tagi_jax import losses
 from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.run.defaults import lambda_ins
-from tagi_jax.trainer.steps import LOSS_WEIGHT, LossFn
+from tagi_jax.trainer.steps import LOSS_WEIGHT, BatchNormalizedLoss, LossFn
 
 
 def _ce(config, logits, batch):
@@ -20,12 +21,17 @@ def _ce(config, logits, batch):
 
 
 def _teacher_rows(table: jax.Array | None):
-    """batch -> batch with `task_id` replaced by each example's row of the teacher table."""
+    """batch -> batch with `task_id` replaced by each example's row of the teacher table.
+
+    A task id outside the table (-1: a task that is not a training task) gets no row (-1), which the teacher
+    table turns into NaN factors: the step's finiteness check then stops the stage, instead of the example silently
+    reading another task's teacher (the pipeline also refuses such batches on the host, with their task)."""
     def with_rows(batch):
         if table is None:
             return batch
         tid = batch[F.TASK_ID]
-        return {**batch, F.TASK_ID: jnp.where(tid >= 0, table[jnp.maximum(tid, 0)], 0)}
+        known = (tid >= 0) & (tid < table.shape[0])
+        return {**batch, F.TASK_ID: jnp.where(known, table[jnp.clip(tid, 0, table.shape[0] - 1)], -1)}
     return with_rows
 
 
@@ -59,16 +65,16 @@ def _student_ce(config, model, rows) -> LossFn:
     return loss_fn
 
 
-def _distillation(config, model, rows) -> LossFn:
-    """Stage 2 (`finetune`): `CE + λ1·KL(teacher ‖ student) + λ2·L_ins` on the {"student", "teacher"} tree; the
-    KL teacher is the backbone with the task's LoRA teacher on `full_inputs` (the paper's equation) or the
-    `concat` baseline (`loss.kl_teacher`)."""
-    weight_ins = lambda_ins(config)
+def _distillation_terms(config, model, rows):
+    """terms(params, batch, rng) -> (CE, KL or None, L_ins or None, CE metrics, generated adapters) of stage 2,
+    on the {"student", "teacher"} tree; the KL teacher is the backbone with the task's LoRA teacher on
+    `full_inputs` (the paper's equation) or the `concat` baseline (`loss.kl_teacher`)."""
     use_kl = float(config.loss.lambda_kl) != 0.0
+    weight_ins = lambda_ins(config)
     use_ins = weight_ins == "sigmoid" or float(weight_ins) != 0.0
     kl_from_concat = config.loss.kl_teacher == "concat"
 
-    def loss_fn(params, batch, rng):
+    def terms(params, batch, rng):
         student, teacher = params["student"], jax.lax.stop_gradient(params["teacher"])
         tbatch = rows(batch)
         logits, generated = tagi_lib.student_forward(model, student, batch, rng)
@@ -82,12 +88,68 @@ def _distillation(config, model, rows) -> LossFn:
             t_adapters = tagi_lib.teacher_adapters(model, teacher, tbatch[F.TASK_ID])
             l_ins = losses.alignment_loss(generated, t_adapters, config.loss.alignment,
                                           config.loss.alignment_reduction)
-        total, terms = losses.total_loss(ce, kl, l_ins, lambda_kl=float(config.loss.lambda_kl),
-                                         lambda_ins=weight_ins)
+        return ce, kl, l_ins, metrics, generated
+    return terms
+
+
+def _distillation(config, model, rows) -> BatchNormalizedLoss:
+    """Stage 2 (`finetune`): `CE + λ1·KL(teacher ‖ student) + λ2·L_ins` (`_distillation_terms`).
+
+    CE and KL are means over the batch's target tokens, L_ins a mean over its examples and λ2 = sigmoid(L_ins)
+    a function of the whole batch, so with microbatches each one contributes its share of every term under the
+    batch's normalisers and the batch's λ2 (`BatchNormalizedLoss`): the gradient is that of the whole batch.
+    """
+    terms_fn = _distillation_terms(config, model, rows)
+    lambda_kl, weight_ins = float(config.loss.lambda_kl), lambda_ins(config)
+
+    def context_fn(params, batch, rng):
+        context = {"tokens": jnp.sum(batch[F.DECODER_LOSS_WEIGHTS].astype(jnp.float32)),
+                   "examples": jnp.float32(batch[F.DECODER_LOSS_WEIGHTS].shape[0])}
+        if weight_ins == "sigmoid":  # the batch's L_ins (no decoder pass): generated vs teacher adapters
+            student, teacher = params["student"], params["teacher"]
+            generated, _, _ = tagi_lib.generate_adapters(model, student, batch[F.HYPER_ENCODER_INPUT_TOKENS])
+            t_adapters = tagi_lib.teacher_adapters(model, teacher, rows(batch)[F.TASK_ID])
+            l_ins = losses.alignment_loss(generated, t_adapters, config.loss.alignment, config.loss.alignment_reduction)
+            context["lambda_ins"] = jax.nn.sigmoid(l_ins)
+        return context
+
+    def share_fn(params, batch, rng, context):
+        ce, kl, l_ins, metrics, generated = terms_fn(params, batch, rng)
+        weight = weight_ins if context is None or l_ins is None or "lambda_ins" not in context else context["lambda_ins"]
+        total, terms = losses.total_loss(ce, kl, l_ins, lambda_kl=lambda_kl, lambda_ins=weight)
+        if context is not None:  # this microbatch's share of the batch's token- and example-means
+            token_share = metrics[LOSS_WEIGHT] / jnp.maximum(context["tokens"], 1.0)
+            example_share = batch[F.DECODER_LOSS_WEIGHTS].shape[0] / context["examples"]
+            per_token = terms["cross_entropy"] + (terms["lambda_kl"] * terms["kl"] if kl is not None else 0.0)
+            per_example = terms["lambda_ins"] * terms["l_ins"] if l_ins is not None else 0.0
+            total = token_share * per_token + example_share * per_example
         metrics.update({k: v for k, v in terms.items() if k != "total"})
         metrics["adapter_sq_norm"] = losses.adapter_sq_norm(generated)
         return total, metrics
-    return loss_fn
+    return BatchNormalizedLoss(context_fn, share_fn)
+
+
+def term_gradient_norms(config, model, rows) -> LossFn:
+    """diagnostics(params, batch, rng) -> {"hypernet_grad_norm/<term>": ‖∂ term / ∂ hypernetwork‖} for the
+    weighted terms CE, λ1·KL and λ2·L_ins of stage 2: how hard each pulls on the generator (one forward, one
+    backward per term; the trainer runs it at log steps only)."""
+    terms_fn = _distillation_terms(config, model, rows)
+    names = ("ce", "kl", "l_ins")
+
+    def diagnostics(params, batch, rng):
+        def weighted(hypernet):
+            student = {**params["student"], "hypernet": hypernet}
+            ce, kl, l_ins, _, _ = terms_fn({**params, "student": student}, batch, rng)
+            _, terms = losses.total_loss(ce, kl, l_ins, lambda_kl=float(config.loss.lambda_kl),
+                                         lambda_ins=lambda_ins(config))
+            zero = jnp.zeros((), jnp.float32)
+            return jnp.stack([terms["cross_entropy"],
+                              terms["lambda_kl"] * terms["kl"] if "kl" in terms else zero,
+                              terms["lambda_ins"] * terms["l_ins"] if "l_ins" in terms else zero])
+        jacobian = jax.jacrev(weighted)(params["student"]["hypernet"])  # every leaf [3, ...]
+        return {f"hypernet_grad_norm/{name}": optax.tree.norm(jax.tree.map(lambda g, i=i: g[i], jacobian))
+                for i, name in enumerate(names)}
+    return diagnostics
 
 
 OBJECTIVES = {
@@ -101,6 +163,10 @@ OBJECTIVES = {
 }
 
 
+# What the trainer computes at log steps besides the loss: stage -> diagnostics builder.
+DIAGNOSTICS = {"finetune": term_gradient_norms}
+
+
 def make_loss_fn(stage: str, config, model: tagi_lib.TAGI, task_to_teacher: np.ndarray | None) -> LossFn:
     """loss_fn(params, batch, rng) -> (loss, metrics) for one stage (pure; the trainer compiles it).
     `task_to_teacher` maps task ids to rows of the teacher table."""
@@ -108,3 +174,11 @@ def make_loss_fn(stage: str, config, model: tagi_lib.TAGI, task_to_teacher: np.n
         raise ValueError(f"unknown stage {stage!r}")
     table = None if task_to_teacher is None else jnp.asarray(task_to_teacher, jnp.int32)
     return OBJECTIVES[stage](config, model, _teacher_rows(table))
+
+
+def make_diagnostics_fn(stage: str, config, model: tagi_lib.TAGI, task_to_teacher: np.ndarray | None):
+    """diagnostics(params, batch, rng) -> scalars for the stage's log steps, or None."""
+    if stage not in DIAGNOSTICS:
+        return None
+    table = None if task_to_teacher is None else jnp.asarray(task_to_teacher, jnp.int32)
+    return DIAGNOSTICS[stage](config, model, _teacher_rows(table))

@@ -12,6 +12,7 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
+from tagi_jax import features as F
 from tagi_jax import hf, partitioning
 from tagi_jax.config import ConfigError
 from tagi_jax.data import batches as batches_lib
@@ -19,11 +20,13 @@ from tagi_jax.data.benchmarks import Benchmark, register_benchmark
 from tagi_jax.eval.runner import evaluate_methods
 from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.run.defaults import tagi_config, validate
-from tagi_jax.run.objectives import make_loss_fn
+from tagi_jax.run.objectives import make_diagnostics_fn, make_loss_fn
 from tagi_jax.run.stage_init import build_initial_params
-from tagi_jax.run.stages import PRETRAIN_DATA_STAGES, section_names, stage_init_fn, stage_trainer_config
+from tagi_jax.run.stages import (PRETRAIN_DATA_STAGES, TEACHER_STAGES, section_names, stage_init_fn,
+                                  stage_trainer_config)
 from tagi_jax.run.workdir import check_resume, has_checkpoint, stage_dir, write_run_files
-from tagi_jax.trainer.trainer import Trainer, host_batch_slice
+from tagi_jax.trainer.distributed import host_batch_slice
+from tagi_jax.trainer.trainer import Trainer
 
 
 @dataclasses.dataclass
@@ -37,16 +40,13 @@ class RunContext:
     mesh: Any
     rules: Any
     hf_params: Any = None
-    _fresh: Any = None
 
-    def fresh_params(self):
-        """A copy of the run's one sharded fresh initialisation of the TAGI tree (compiled once, shared by every
-        stage). A copy, because the trainer donates the state it starts from."""
-        if self._fresh is None:
-            rng = jax.random.fold_in(jax.random.key(int(self.config.seed)), 7)
-            self._fresh, _, _ = partitioning.sharded_init(
-                lambda r: tagi_lib.init_params(self.model_cfg, r), self.mesh, self.rules, rng)
-        return jax.tree.map(lambda x: x.copy(), self._fresh)
+    def fresh_params(self, stage: str):
+        """The stage's tree freshly initialised straight into its shardings, from the run's one init rng: every
+        stage gets the same fresh value for a parameter it shares with another (values follow paths)."""
+        rng = jax.random.fold_in(jax.random.key(int(self.config.seed)), 7)
+        params, _, _ = partitioning.sharded_init(stage_init_fn(stage, self.model_cfg), self.mesh, self.rules, rng)
+        return params
 
 
 def prepare(config: config_dict.ConfigDict, workdir: str) -> RunContext:
@@ -77,6 +77,16 @@ def prepare(config: config_dict.ConfigDict, workdir: str) -> RunContext:
                       hf_params)
 
 
+def _with_teacher_rows(batches, stage: str):
+    """Refuse, on the host, a batch with an example whose task has no teacher row (task id -1: not a training
+    task) in a stage that reads the teacher table (the compiled step would only see a NaN loss)."""
+    for batch in batches:
+        if batch[F.TASK_ID].size and int(np.min(batch[F.TASK_ID])) < 0:
+            raise batches_lib.DataError(f"stage {stage}: a training batch holds an example of a task outside the "
+                                        "training tasks (task_id -1), which has no teacher")
+        yield batch
+
+
 def run_stage(ctx: RunContext, stage: str, stop_at: int | None = None) -> dict:
     """Train one stage to `stages.<stage>.train.steps` (resuming if it has checkpoints); returns a record."""
     config = ctx.config
@@ -84,7 +94,7 @@ def run_stage(ctx: RunContext, stage: str, stop_at: int | None = None) -> dict:
     loss_fn = make_loss_fn(stage, config, ctx.model, ctx.task_to_teacher)
     trainer = Trainer(stage_cfg, workdir=stage_dir(ctx.workdir, stage), init_fn=stage_init_fn(stage, ctx.model_cfg),
                       loss_fn=loss_fn, section_names=section_names(stage), mesh=ctx.mesh, rules=ctx.rules,
-                      name=stage)
+                      name=stage, diagnostics_fn=make_diagnostics_fn(stage, config, ctx.model, ctx.task_to_teacher))
     initial = None if has_checkpoint(ctx.workdir, stage) else build_initial_params(stage, ctx, trainer)
     is_pretrain = stage in PRETRAIN_DATA_STAGES
     mixture = ctx.data.pretrain_task if is_pretrain else ctx.data.train_mixture
@@ -93,9 +103,10 @@ def run_stage(ctx: RunContext, stage: str, stop_at: int | None = None) -> dict:
     host_slice = host_batch_slice(stage_cfg.train.batch_size)
 
     def batches(start_step: int):
-        return batches_lib.train_batches(mixture, lengths, stage_cfg.train.batch_size, ctx.data.train_task_names,
-                                         seed=stage_cfg.seed, start_step=start_step,
-                                         host_slice=host_slice if host_bs != stage_cfg.train.batch_size else None)
+        out = batches_lib.train_batches(mixture, lengths, stage_cfg.train.batch_size, ctx.data.train_task_names,
+                                        seed=stage_cfg.seed, start_step=start_step,
+                                        host_slice=host_slice if host_bs != stage_cfg.train.batch_size else None)
+        return _with_teacher_rows(out, stage) if stage in TEACHER_STAGES else out
 
     t0 = time.time()
     state = trainer.fit(batches, initial_params=initial, stop_at=stop_at)

@@ -5,6 +5,7 @@ arguments, so `jax.jit` compiles each step once; `Trainer` adds the shardings an
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -19,6 +20,25 @@ Batch = Mapping[str, Any]
 LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
 # A loss_fn metric: the weight (e.g. real target tokens) its microbatch's loss was averaged over.
 LOSS_WEIGHT = "loss_weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormalizedLoss:
+    """A loss whose terms are normalised over the whole batch, so splitting it into microbatches leaves its
+    gradient unchanged (weighting each microbatch's loss by its token count cannot do that for a loss with both
+    per-token and per-example terms, or with a weight computed from the batch such as sigmoid(L_ins)).
+
+    `context_fn(params, batch, rng)` computes, once per step on the whole batch and without gradient, what the
+    normalisation needs (token and example counts, adaptive weights); `share_fn(params, microbatch, rng,
+    context)` returns (that microbatch's share of the batch loss, metrics), and the shares' gradients are summed.
+    Called on a whole batch (one microbatch, evaluation), it is `share_fn(..., context=None)`: the loss then
+    normalises over the batch it sees, with no extra pass.
+    """
+    context_fn: Callable[[Any, Batch, jax.Array | None], Mapping[str, jax.Array]]
+    share_fn: Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
+
+    def __call__(self, params, batch, rng):
+        return self.share_fn(params, batch, rng, None)
 
 
 def split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, jax.Array]:
@@ -63,16 +83,24 @@ def compute_gradients(
 
     Only trainable parameters are differentiated (frozen ones get zero gradients and cost no backward
     pass or accumulator memory). Microbatch gradients and metrics are averaged, weighted by the
-    `"loss_weight"` metric when the loss_fn reports one.
+    `"loss_weight"` metric when the loss_fn reports one; a `BatchNormalizedLoss` instead gets its batch
+    context first and its microbatch gradients and losses are summed (its other metrics are still averaged).
     """
     leaves, treedef = jax.tree.flatten(params)
     mask = [True] * len(leaves) if trainable is None else treedef.flatten_up_to(trainable)
     train_leaves = [leaf for leaf, m in zip(leaves, mask) if m]
 
+    summed = isinstance(loss_fn, BatchNormalizedLoss) and num_microbatches > 1
+    if summed:
+        context = jax.lax.stop_gradient(loss_fn.context_fn(params, batch, jax.random.fold_in(rng, num_microbatches)))
+        microbatch_loss = lambda full, mb, mb_rng: loss_fn.share_fn(full, mb, mb_rng, context)  # noqa: E731
+    else:
+        microbatch_loss = loss_fn
+
     def loss_of_trainable(train, mb, mb_rng):
         it = iter(train)
         full = treedef.unflatten([next(it) if m else leaf for leaf, m in zip(leaves, mask)])
-        return loss_fn(full, mb, mb_rng)
+        return microbatch_loss(full, mb, mb_rng)
 
     grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
 
@@ -96,8 +124,9 @@ def compute_gradients(
             g_sum, m_sum, w_sum = carry
             grads, metrics, weight = one(*xs)
             w = weight if weighted else jnp.float32(1.0)
-            g_sum = [a + w * g.astype(jnp.float32) for a, g in zip(g_sum, grads)]
-            m_sum = {k: m_sum[k] + w * metrics[k] for k in m_sum}
+            g_w = jnp.float32(1.0) if summed else w
+            g_sum = [a + g_w * g.astype(jnp.float32) for a, g in zip(g_sum, grads)]
+            m_sum = {k: m_sum[k] + (1.0 if summed and k == "loss" else w) * metrics[k] for k in m_sum}
             return (g_sum, m_sum, w_sum + w), None
 
         init = (
@@ -107,8 +136,8 @@ def compute_gradients(
         )
         (g_sum, m_sum, w_sum), _ = jax.lax.scan(body, init, (mbs, rngs))
         denom = jnp.where(w_sum > 0, w_sum, 1.0)
-        grads = [(g / denom).astype(leaf.dtype) for g, leaf in zip(g_sum, train_leaves)]
-        metrics = {k: v / denom for k, v in m_sum.items()}
+        grads = [(g if summed else g / denom).astype(leaf.dtype) for g, leaf in zip(g_sum, train_leaves)]
+        metrics = {k: v if summed and k == "loss" else v / denom for k, v in m_sum.items()}
         if weighted:
             metrics[LOSS_WEIGHT] = w_sum
 

@@ -22,55 +22,14 @@ import orbax.checkpoint as ocp
 from ml_collections import config_dict
 
 from tagi_jax import partitioning
-from tagi_jax.config import ConfigError, get_key, rename_sections
+from tagi_jax.config import ConfigError, rename_sections
 from tagi_jax.trainer import guards, optim
 from tagi_jax.trainer.checkpoints import checkpoint_dir
 from tagi_jax.trainer.config import validate_trainer_config
+from tagi_jax.trainer.distributed import make_global_batch
 from tagi_jax.trainer.metric_writers import MetricWriter, ProgressBar, is_writer_process
 from tagi_jax.trainer.steps import LOSS_WEIGHT, Batch, LossFn, eval_step, train_step
 from tagi_jax.trainer.train_state import TrainState, abstract_state, check_float32, state_shardings
-
-
-# --------------------------------------------------------------------------------------------------
-# Multi-host helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def initialize_distributed(config: config_dict.ConfigDict) -> bool:
-    """`jax.distributed.initialize()` when `config.distributed.initialize`; call before touching devices."""
-    dist = get_key(config, "distributed", None)
-    if dist is None or not dist.get("initialize", False):
-        return False
-    kwargs: dict[str, Any] = {}
-    if dist.get("coordinator_address"):
-        kwargs["coordinator_address"] = dist.coordinator_address
-    if dist.get("num_processes", 0) > 0:
-        kwargs["num_processes"] = dist.num_processes
-    if dist.get("process_id", -1) >= 0:
-        kwargs["process_id"] = dist.process_id
-    jax.distributed.initialize(**kwargs)
-    return True
-
-
-def host_batch_slice(global_batch_size: int) -> slice:
-    """The rows of the global batch this host loads (`process_index`-th of `process_count` equal slices)."""
-    count, index = jax.process_count(), jax.process_index()
-    if global_batch_size % count:
-        raise ConfigError(
-            f"config key 'train.batch_size'={global_batch_size} is not divisible by the {count} processes"
-        )
-    per_host = global_batch_size // count
-    return slice(index * per_host, (index + 1) * per_host)
-
-
-def make_global_batch(local_batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """Host-local numpy slices -> global arrays split over the mesh's `data` axis on the batch dimension."""
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(
-            partitioning.data_sharding(mesh, np.ndim(x)), np.asarray(x)
-        ),
-        dict(local_batch),
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,10 +72,13 @@ class Trainer:
         rules=None,
         section_names: Mapping[str, str] | None = None,
         name: str | None = None,
+        diagnostics_fn: LossFn | None = None,
     ):
         """`section_names` (e.g. {"train": "stages.finetune.train", "optimizer": "stages.finetune.optimizer"})
         makes config errors name the keys as they appear in the run config; `name` (default: the work
-        directory's name) names the run in messages, e.g. its pipeline stage."""
+        directory's name) names the run in messages, e.g. its pipeline stage. `diagnostics_fn(params, batch,
+        rng) -> {name: scalar}` is compiled apart and run at log steps only (costly measurements, such as the
+        gradient each loss term sends somewhere), its values logged with the training metrics."""
         self.config = config
         self.workdir = os.path.abspath(workdir)
         self.name = name or os.path.basename(self.workdir)
@@ -170,6 +132,9 @@ class Trainer:
             in_shardings=(self.param_shardings, data),
             out_shardings=self.replicated,
         )
+
+        self._diagnostics = None if diagnostics_fn is None else jax.jit(
+            diagnostics_fn, in_shardings=(self.param_shardings, data, self.replicated), out_shardings=self.replicated)
 
         self._init_state = jax.jit(
             lambda rng: TrainState.create(nn.meta.unbox(init_fn(rng)), self.tx), out_shardings=self.state_shardings
@@ -279,6 +244,15 @@ class Trainer:
         with self.context():
             return self._train_step(state, batch, self._step_rng)
 
+    def diagnose(self, state: TrainState, local_batch: Batch) -> dict[str, float]:
+        """The `diagnostics_fn` values on one batch ({} without one); rng = the step's."""
+        if self._diagnostics is None:
+            return {}
+        rng = jax.random.fold_in(self._step_rng, state.step)
+        with self.context():
+            return {k: float(v) for k, v in jax.device_get(
+                self._diagnostics(state.params, self.shard_batch(local_batch), rng)).items()}
+
     def eval_step(self, params: Any, local_batch: Batch) -> dict[str, jax.Array]:
         batch = make_global_batch(local_batch, self.mesh)
         with self.context():
@@ -352,6 +326,7 @@ class Trainer:
                         elapsed = max(time.perf_counter() - t0, 1e-9)
                         values["examples_per_second"] = count * train.batch_size / elapsed
                         values["steps_per_second"] = count / elapsed
+                        values.update(self.diagnose(state, local_batch))
                         self.writer.write_scalars(done, values, "train")
                         bar.set_metrics(values)
                         sums, count, t0 = None, 0, time.perf_counter()
