@@ -6,7 +6,9 @@
 `--examples` is a JSONL file of positive examples ({"input": ..., "output": ...} per line), formatted into the
 instruction exactly as in training (Tk-Instruct "Definition: ... Positive Example 1 - ..."). OUT receives
 `adapter_config.json` + `adapter_model.safetensors`, loadable with `PeftModel.from_pretrained` on the Hugging
-Face T5 the backbone came from (`--base_model`, default the config's model.checkpoint). A model trained with
+Face T5 the backbone came from (`--base_model`, default the config's model.checkpoint) when training left that
+backbone as imported; otherwise OUT/backbone receives the trained backbone as a Hugging Face T5 directory, and
+it is the base model (`--base_model` is then refused). A model trained with
 instruction fusion cannot be represented by a PEFT adapter: this stops with an explanation unless
 `--allow_fusion_loss` is given. OUT must not exist yet (or be empty) unless `--overwrite`.
 """
@@ -21,7 +23,7 @@ from absl import flags  # noqa: E402
 
 from tagi_jax import cli  # noqa: E402
 from tagi_jax.api import TAGIPredictor  # noqa: E402
-from tagi_jax.export import check_fusion  # noqa: E402
+from tagi_jax.export import BACKBONE_DIR, check_fusion  # noqa: E402
 from tagi_jax.jsonl import iter_jsonl  # noqa: E402
 
 
@@ -37,7 +39,7 @@ def define_flags(argv) -> flags.FlagValues:
     boolean("raw", False, "Use --instruction verbatim (no Tk-Instruct formatting).")
     string("out", None, "Output directory (PEFT adapter).")
     boolean("overwrite", False, "Write into --out even if it already holds files.")
-    string("base_model", None, "base_model_name_or_path for adapter_config.json.")
+    string("base_model", None, "base_model_name_or_path for adapter_config.json (only for an untrained backbone).")
     boolean("allow_fusion_loss", False, "Export the LoRA part of a fusion model's adapter anyway (it will not "
             "reproduce the model's predictions on its own).")
     return fv
@@ -78,6 +80,9 @@ def work(args: flags.FlagValues) -> None:
     out = predictor.save_adapter(args.out, adapter, allow_fusion_loss=args.allow_fusion_loss,
                                  base_model_name_or_path=args.base_model)
     print(f"wrote PEFT adapter to {out}")
+    if os.path.isdir(os.path.join(out, BACKBONE_DIR)):
+        print(f"  with the student's trained backbone in {os.path.join(out, BACKBONE_DIR)} (its base model): the "
+              "adapter reproduces the student on that backbone, not on the imported checkpoint")
 
 
 def main(argv) -> int:

@@ -23,9 +23,11 @@ import dataclasses
 import os
 from typing import Mapping, Sequence
 
+import jax
 import numpy as np
+from flax import traverse_util
 
-from tagi_jax import export
+from tagi_jax import export, hf
 from tagi_jax import features as F
 from tagi_jax.data.batches import task_lengths
 from tagi_jax.eval.adapters import AdapterCache, AdapterTable, generate_task_adapters
@@ -158,10 +160,23 @@ class TAGIPredictor:
         """Write `adapter` (default: the last one) as a PEFT LoRA directory for the backbone's HF T5.
 
         A fusion model's adapter cannot be represented by PEFT: this raises unless `allow_fusion_loss` (the
-        encoded instruction is then saved beside it, so `load_adapter` here restores it exactly)."""
+        encoded instruction is then saved beside it, so `load_adapter` here restores it exactly).
+
+        The adapter reproduces the student only on the student's own backbone. When that backbone is the
+        imported checkpoint's (`tagi.train_backbone = "none"` from a checkpoint), `base_model_name_or_path`
+        defaults to the checkpoint; when training moved it (or there was no checkpoint), the trained backbone
+        is written to `<path>/backbone` and becomes the base (an explicit `base_model_name_or_path` is then an
+        error: PEFT would apply the adapter to a model it was not generated for)."""
         adapter = self._adapter(adapter, "save_adapter")
+        if self.uses_fusion:
+            export.check_fusion(True, allow_fusion_loss, self.fusion)  # before anything is written
+        trained = self._trained_backbone()
         base = base_model_name_or_path
-        if base is None and self.config is not None:
+        if trained is not None and base is not None:
+            raise ValueError(f"save_adapter: base_model_name_or_path={base!r}, but the student's backbone is not that "
+                             "checkpoint's (it was trained); the trained backbone is written beside the adapter "
+                             "instead: leave base_model_name_or_path unset")
+        if base is None and trained is None:
             base = str(self.config.model.get("checkpoint", "")) or None
         return export.export_peft_adapter(
             adapter.adapters, path, self.model.config.t5, base_model_name_or_path=base,
@@ -169,7 +184,22 @@ class TAGIPredictor:
             metadata={"instruction": adapter.instruction, "method": self.method, "workdir": self.workdir,
                       "checkpoint_fingerprint": self.cache.fingerprint(self.params, self.model)},
             instruction_states=adapter.states if self.uses_fusion else None,
-            instruction_mask=adapter.mask if self.uses_fusion else None)
+            instruction_mask=adapter.mask if self.uses_fusion else None, backbone_params=trained)
+
+    def _trained_backbone(self):
+        """The student's backbone parameters (host numpy) unless they equal the imported checkpoint's exactly
+        (read once per predictor): what `save_adapter` must write for the adapter to reproduce the student."""
+        if not hasattr(self, "_backbone_export"):
+            backbone = jax.device_get(self.params["t5"])
+            checkpoint = str(self.config.model.get("checkpoint", "")) if self.config is not None else ""
+            self._backbone_export = backbone
+            if checkpoint:
+                _, imported = hf.load_t5(checkpoint)
+                ours = traverse_util.flatten_dict(dict(backbone))
+                if all(path in ours and np.array_equal(np.asarray(ours[path], np.float32), value.astype(np.float32))
+                       for path, value in traverse_util.flatten_dict(imported).items()):
+                    self._backbone_export = None
+        return self._backbone_export
 
     def load_adapter(self, path: str) -> TaskAdapter:
         """A PEFT LoRA directory (from `save_adapter` or `launch/generate_adapter.py`) as a `TaskAdapter`;

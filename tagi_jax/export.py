@@ -1,7 +1,9 @@
 """Generated adapters as PEFT LoRA directories, usable on the Hugging Face T5 the backbone came from, and back.
 
 A `tagi_adapter.json` beside the PEFT files records where the adapter came from (instruction, checkpoint
-fingerprint, fusion) for humans; PEFT ignores it.
+fingerprint, fusion) for humans; PEFT ignores it. An adapter reproduces the student only on the backbone it
+was generated for: when training moved that backbone away from the imported checkpoint, the trained backbone is
+written beside it (`backbone/`, a Hugging Face T5 directory) and becomes `base_model_name_or_path`.
 """
 from __future__ import annotations
 
@@ -9,19 +11,24 @@ import json
 import math
 import os
 import re
+import shutil
 import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from tagi_jax.hf import hf_module_name
+from flax import traverse_util
+
+from tagi_jax.hf import hf_module_name, save_t5_hf
 from tagi_jax.models import lora
+from tagi_jax.models.t5 import is_encoder_fusion_param
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TAGI_FILE = "tagi_adapter.json"
 STATES_FILE = "tagi_instruction_states.safetensors"  # fusion models only; read by tagi_jax, ignored by PEFT
+BACKBONE_DIR = "backbone"  # the trained backbone (HF T5 directory), when it is not the imported checkpoint
 KEY_PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 
@@ -145,6 +152,7 @@ def export_peft_adapter(
     metadata: Mapping[str, Any] | None = None,
     instruction_states: Any = None,
     instruction_mask: Any = None,
+    backbone_params: Mapping[str, Any] | None = None,
 ) -> str:
     """Write `adapters` (one adapter) to `out_dir` as a PEFT LoRA directory; returns `out_dir`.
 
@@ -159,9 +167,19 @@ def export_peft_adapter(
       metadata: extra JSON-able facts for tagi_adapter.json (instruction, checkpoint fingerprint, ...).
       instruction_states, instruction_mask: the encoded instruction [n, d_model] / [n] of a fusion model; saved
         beside the PEFT files (tagi_jax reloads them with `load_instruction_states`; PEFT cannot use them).
+      backbone_params: the backbone's parameters (of `T5(config)`) when they are not those of
+        `base_model_name_or_path` (a trained backbone): written to `<out_dir>/backbone` as a Hugging Face T5
+        directory whose absolute path becomes `base_model_name_or_path` (encoder-fusion blocks are left out:
+        only with `allow_fusion_loss`).
     """
     check_fusion(uses_fusion, allow_fusion_loss, fusion)
     tensors, rank, scale = to_peft_state_dict(adapters, config)
+    if backbone_params is not None:
+        flat = traverse_util.flatten_dict(dict(backbone_params))
+        plain = traverse_util.unflatten_dict({k: v for k, v in flat.items() if not is_encoder_fusion_param(k)})
+        base_model_name_or_path = os.path.abspath(save_t5_hf(os.path.join(out_dir, BACKBONE_DIR), config, plain))
+    elif os.path.isfile(os.path.join(out_dir, BACKBONE_DIR, "config.json")):
+        shutil.rmtree(os.path.join(out_dir, BACKBONE_DIR))  # an earlier export's backbone is not this adapter's
     modules = sorted({_KEY_RE.match(k).group("module") for k in tensors})
     peft_config = {
         "peft_type": "LORA",
@@ -198,6 +216,7 @@ def export_peft_adapter(
         "scale": scale,
         "instruction_fusion": bool(uses_fusion),
         **({"fusion": fusion} if fusion else {}),
+        "backbone": BACKBONE_DIR if backbone_params is not None else base_model_name_or_path,
         **dict(metadata or {}),
     }
     with open(os.path.join(out_dir, TAGI_FILE), "w") as f:

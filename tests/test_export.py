@@ -19,8 +19,11 @@ from tagi_jax.models.hypernet import HyperNetConfig
 from tagi_jax.models.t5 import T5
 from tagi_jax.models.t5_config import tiny_config
 from tagi_jax.vocab import get_vocabulary
+from tagi_jax.api import TAGIPredictor
+from tagi_jax.run import pipeline
 from test_evaluation import random_tagi  # the shared tiny-TAGI helper (random parameters, no init compile)
-from tiny_hf import hf_logits, make_batch
+from test_pipeline import tiny_config as tiny_pipeline_config
+from tiny_hf import hf_logits, make_batch, tiny_hf_t5
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -220,3 +223,61 @@ def test_bad_adapters_give_clear_errors(no_fusion, vocab, tmp_path):
     mixed = {**good, **np_adapters(t5, ("decoder_self.q",), 2)}
     with pytest.raises(export.AdapterFormatError, match="different ranks"):
         export.export_peft_adapter(mixed, str(tmp_path / "m"), t5)
+
+
+@pytest.fixture(scope="module")
+def trained_from_checkpoint(tmp_path_factory):
+    """A tiny pipeline run (teachers, pretrain, finetune) from a Hugging Face T5 checkpoint, fusion none, whose
+    TAGI stages train the whole backbone (`tagi.train_backbone = "all"`): the student's W0 is not the
+    checkpoint's."""
+    hf_dir, _ = tiny_hf_t5(tmp_path_factory, "v1_1")
+    c = tiny_pipeline_config(steps=2)
+    c.model.checkpoint = hf_dir
+    c.data.vocabulary = "byte"  # 259 ids, within the checkpoint's 300 embeddings
+    c.tagi.update(dict(fusion="none", train_backbone="all"))
+    c.pipeline.stages = ("teachers", "pretrain", "finetune")
+    c.pipeline.evaluate = ()
+    c.stages.teachers.init_from = c.stages.pretrain.init_from = ""  # from the checkpoint
+    c.stages.pretrain.optimizer.learning_rate = 1e-2  # so two steps visibly move the backbone
+    workdir = str(tmp_path_factory.mktemp("trained_backbone"))
+    pipeline.run(c, workdir)
+    return workdir, hf_dir
+
+
+def _student_and_peft_logits(predictor, out):
+    adapter = export.load_peft_adapter(out, predictor.model.config.t5, rank=predictor.model.config.hypernet.rank,
+                                       targets=predictor.model.config.adapter_targets)
+    with open(os.path.join(out, export.CONFIG_FILE)) as f:
+        base = json.load(f)["base_model_name_or_path"]
+    batch = make_batch(vocab_size=64, batch=3, enc_len=11, dec_len=7, seed=5)
+    student = jax.jit(functools.partial(tagi.student_logits, predictor.model))(predictor.params, batch,
+                                                                               (adapter, None, None))
+    return np.asarray(student), hf_logits(load_peft(base, out), batch), base
+
+
+def test_export_reproduces_a_student_whose_backbone_was_trained(trained_from_checkpoint, tmp_path):
+    """HF T5 + PEFT from the exported files alone give the student's logits: the adapter's base is the trained
+    backbone written beside it, not the checkpoint the run imported (on which the adapter computes something
+    else)."""
+    workdir, hf_dir = trained_from_checkpoint
+    predictor = TAGIPredictor.load(workdir)
+    adapter = predictor.generate_adapter("Sort the numbers in increasing order.")
+    out = predictor.save_adapter(str(tmp_path / "adapter"), adapter)
+    student, theirs, base = _student_and_peft_logits(predictor, out)
+    assert base == os.path.abspath(os.path.join(out, export.BACKBONE_DIR)) and os.path.isdir(base)
+    np.testing.assert_allclose(student, theirs, atol=TOL, rtol=0)
+    on_checkpoint = hf_logits(load_peft(hf_dir, out), make_batch(vocab_size=64, batch=3, enc_len=11, dec_len=7, seed=5))
+    assert np.abs(on_checkpoint - student).max() > 1e-3  # the checkpoint is not the student's backbone
+    with pytest.raises(ValueError, match="leave base_model_name_or_path unset"):
+        predictor.save_adapter(str(tmp_path / "explicit"), adapter, base_model_name_or_path=hf_dir)
+    assert not os.path.exists(tmp_path / "explicit")
+
+    # A student whose backbone is exactly the checkpoint's (as with train_backbone="none") exports the adapter
+    # alone, with the checkpoint as its base.
+    untouched = TAGIPredictor.load(workdir)
+    untouched.params = {**untouched.params, "t5": hf.load_t5(hf_dir)[1]}
+    again = untouched.generate_adapter("Sort the numbers in increasing order.")
+    out = untouched.save_adapter(str(tmp_path / "adapter_only"), again)
+    student, theirs, base = _student_and_peft_logits(untouched, out)
+    assert base == hf_dir and not os.path.exists(os.path.join(out, export.BACKBONE_DIR))
+    np.testing.assert_allclose(student, theirs, atol=TOL, rtol=0)
