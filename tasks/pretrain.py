@@ -12,6 +12,7 @@ import random
 import re
 from typing import Iterable, Sequence
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -29,9 +30,14 @@ _BLANK_LINES = re.compile(r"\n\s*\n")
 # Each document is cut at two random word boundaries: the hypernetwork reads a (`hyper_inputs`), the adapted
 # model reads b (`inputs`) and predicts c (`targets`); `full_inputs` = a + " " + b (what an instruction-
 # concatenation model would read), `task_name` = "pretrain". The cut points come from an RNG seeded with
-# (seed, document text), so a document is cut the same way whatever its position, shard or epoch, and a
-# different seed cuts differently. Text inside each part keeps its original whitespace; joining the parts with
-# single spaces gives back the document up to whitespace at the two cuts and its ends.
+# (seed, text), so a document is cut the same way whatever its position, shard or epoch, and a different seed
+# cuts differently. Text inside each part keeps its original whitespace; joining the parts with single spaces
+# gives back the text up to whitespace at the two cuts and its ends.
+#
+# With sequence lengths (training), as HINT does, a document's token stream is first split into consecutive
+# windows that fit the lengths, and each window is cut: every part fits its feature, so no part is truncated
+# and c always continues b (cutting a whole long document by word fractions and truncating each part would
+# leave a gap between b's kept start and c). A long C4 document gives several examples.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +87,82 @@ def cut_document(text: str, seed: int = 0, config: CutConfig = CutConfig()) -> t
         return text[words[lo][0]: words[hi - 1][1]]
 
     return part(0, i), part(i, j), part(j, n)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenBudget:
+    """The most tokens each part may have (its feature's length less the EOS); a + b must also fit full."""
+
+    hyper_inputs: int
+    inputs: int
+    targets: int
+    full_inputs: int
+
+    @classmethod
+    def from_lengths(cls, lengths) -> "TokenBudget | None":
+        names = (F.HYPER_INPUTS, F.INPUTS, F.TARGETS, F.FULL_INPUTS)
+        if not lengths or any(lengths.get(n) is None for n in names):
+            return None
+        return cls(*(int(lengths[n]) - 1 for n in names))
+
+    @property
+    def window(self) -> int:
+        return min(self.hyper_inputs + self.inputs, self.full_inputs - 1) + self.targets
+
+
+def _fit_back(counts: Sequence[int], end: int, start: int, budget: int) -> int:
+    """The earliest word index k >= start such that words[k:end] hold at most `budget` tokens (one word at
+    least, even if it alone is longer: it is then truncated, the only truncation left)."""
+    k, total = end, 0
+    while k > start and (total + counts[k - 1] <= budget or k == end):
+        total += counts[k - 1]
+        k -= 1
+    return k
+
+
+def _fit_forward(counts: Sequence[int], start: int, stop: int, budget: int) -> int:
+    """The largest end <= stop such that words[start:end] hold at most `budget` tokens (one word at least)."""
+    k, total = start, 0
+    while k < stop and (total + counts[k] <= budget or k == start):
+        total += counts[k]
+        k += 1
+    return k
+
+
+def cut_windows(text: str, token_counts: Sequence[int], budget: TokenBudget, seed: int = 0,
+                config: CutConfig = CutConfig()) -> list[tuple[str, str, str]]:
+    """(a, b, c) for each window of `text` that fits `budget`; `token_counts[k]` is word k's token count.
+
+    Windows are consecutive runs of words of at most `budget.window` tokens; each is cut by `cut_document`'s
+    word fractions, then the parts are fitted from the end: c keeps its first words that fit, b the last words
+    before c that fit, a the last words before b that fit (so a, b, c stay contiguous). A window with fewer than
+    `min_words` words (a document's short tail) gives nothing.
+    """
+    spans = [m.span() for m in _WORD.finditer(text)]
+    if config.max_words is not None:
+        spans = spans[: config.max_words]
+    if len(token_counts) < len(spans):
+        raise ValueError(f"cut_windows: {len(token_counts)} token counts for {len(spans)} words")
+    out, start = [], 0
+    while len(spans) - start >= config.min_words:
+        stop = _fit_forward(token_counts, start, len(spans), budget.window)
+        if stop - start < config.min_words:
+            start = stop
+            continue
+        window = text[spans[start][0]: spans[stop - 1][1]]
+        n, rng = stop - start, _rng(window, seed)
+        i = start + min(max(1, round(rng.uniform(*config.a_fraction) * n)), n - 2)
+        j = min(max(i + 1, i + round(rng.uniform(*config.b_fraction) * (stop - start))), stop - 1)
+        end = _fit_forward(token_counts, j, stop, budget.targets)
+        i = max(i, _fit_back(token_counts, j, i, budget.inputs))
+        b_tokens = sum(token_counts[i:j])
+        # full_inputs = a + " " + b: one token kept for the join (a byte vocabulary's space)
+        a_start = _fit_back(token_counts, i, start,
+                            min(budget.hyper_inputs, max(budget.full_inputs - 1 - b_tokens, 1)))
+        part = lambda lo, hi: text[spans[lo][0]: spans[hi - 1][1]]  # noqa: E731
+        out.append((part(a_start, i), part(i, j), part(j, end)))
+        start = end
+    return out
 
 
 def example_from_document(text: str, seed: int = 0, config: CutConfig = CutConfig()) -> dict[str, str] | None:
@@ -187,38 +269,51 @@ def make_source(source: str, splits: Sequence[str] = ("train",), text_field: str
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def cut_preprocessor(seed: int, config: CutConfig, text_field: str = "text"):
-    """A SeqIO preprocessor: {text_field: doc} -> the string features (too-short documents dropped); eval
-    splits also get `references` = [targets]."""
+def word_token_counts(text: str, vocabulary) -> list[int]:
+    """Each word's token count under `vocabulary`, with the whitespace before it: SentencePiece folds that into
+    the word's first piece and splits at whitespace, so a run of words costs the sum of their counts; a byte
+    vocabulary pays for the whitespace too (over-counted by one separator at a part's start: on the safe side)."""
+    counts, previous_end = [], 0
+    for m in _WORD.finditer(text):
+        counts.append(max(len(vocabulary.encode(text[previous_end:m.end()])), 1))
+        previous_end = m.end()
+    return counts
 
-    def cut(text: bytes):
-        ex = example_from_document(text.decode("utf-8"), seed, config)
-        if ex is None:
-            return b"", b"", b"", False
-        return ex[F.HYPER_INPUTS].encode(), ex[F.INPUTS].encode(), ex[F.TARGETS].encode(), True
 
-    @seqio.map_over_dataset
-    def to_features(ex):
-        a, b, c, ok = tf.numpy_function(cut, [ex[text_field]], [tf.string, tf.string, tf.string, tf.bool],
-                                        stateful=False)
-        out = {F.HYPER_INPUTS: a, F.INPUTS: b, F.TARGETS: c, "_ok": ok}
-        for v in out.values():
-            v.set_shape(())
-        out[F.FULL_INPUTS] = tf.strings.join([a, b], separator=" ")
-        out[F.TASK_NAME] = tf.constant(TASK_NAME)
-        return out
+def cut_preprocessor(seed: int, config: CutConfig, text_field: str = "text", vocabulary=None):
+    """A SeqIO preprocessor: {text_field: doc} -> the string features, one example per window that fits the
+    sequence lengths (`cut_windows`, when SeqIO passes lengths and `vocabulary` is given), else one per
+    document (`cut_document`); too-short documents give none. Eval splits also get `references` = [targets]."""
 
-    def preprocess(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    def preprocess(dataset: tf.data.Dataset, sequence_length=None) -> tf.data.Dataset:
+        budget = TokenBudget.from_lengths(sequence_length) if vocabulary is not None else None
+
+        def cut(text: bytes):
+            doc = text.decode("utf-8")
+            if budget is None:
+                one = cut_document(doc, seed, config)
+                parts = [] if one is None else [one]
+            else:
+                parts = cut_windows(doc, word_token_counts(doc, vocabulary), budget, seed, config)
+            columns = [[p[k].encode() for p in parts] for k in range(3)]
+            return tuple(np.asarray(col, dtype=object).reshape(len(parts)) for col in columns)
+
+        def to_features(ex):
+            a, b, c = tf.numpy_function(cut, [ex[text_field]], [tf.string] * 3, stateful=False)
+            for v in (a, b, c):
+                v.set_shape([None])
+            return tf.data.Dataset.from_tensor_slices({F.HYPER_INPUTS: a, F.INPUTS: b, F.TARGETS: c})
+
         with_references = _EVAL_MARKER in dataset.element_spec
-        dataset = to_features(dataset).filter(lambda ex: ex["_ok"])
 
         def finish(ex):
-            out = {k: v for k, v in ex.items() if k != "_ok"}
+            out = {**ex, F.FULL_INPUTS: tf.strings.join([ex[F.HYPER_INPUTS], ex[F.INPUTS]], separator=" "),
+                   F.TASK_NAME: tf.constant(TASK_NAME)}
             if with_references:
                 out[F.REFERENCES] = tf.expand_dims(out[F.TARGETS], 0)
             return out
 
-        return dataset.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+        return dataset.flat_map(to_features).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
 
     return preprocess
 
@@ -246,5 +341,5 @@ def register_pretrain(
                        b_fraction=tuple(b_fraction))
     config.validate()
     data_source = make_source(source, splits, text_field, tfds_data_dir)
-    preprocessors = [cut_preprocessor(seed, config, text_field)]
+    preprocessors = [cut_preprocessor(seed, config, text_field, vocabulary)]
     return common.register_task(name, data_source, vocabulary, preprocessors=preprocessors)

@@ -105,7 +105,13 @@ def _rows(task, split):
     return list(task.get_dataset(sequence_length=None, split=split, shuffle=False).as_numpy_iterator())
 
 
-def test_registered_task_matches_the_python_cut(corpus):
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def test_registered_task_cuts_each_document_into_contiguous_parts(corpus):
+    """Without sequence lengths (evaluation reads), one example per document: a, b and c are consecutive runs
+    of its words covering all of them, each within its share, and full_inputs is a + " " + b."""
     root, docs = corpus
     task = pretrain.register_pretrain(str(root), VOCAB, name="pretrain_test", seed=5,
                                       splits=("train", "validation"))
@@ -113,12 +119,14 @@ def test_registered_task_matches_the_python_cut(corpus):
     rows = _rows(task, "train")
     assert len(rows) == 6  # "too short" and "tiny" skipped; .jsonl then .txt, sorted by name
     for row, doc in zip(rows, docs):
-        expected = pretrain.example_from_document(doc, seed=5)
-        for name in (F.HYPER_INPUTS, F.INPUTS, F.FULL_INPUTS, F.TARGETS):
-            assert row[f"{name}_pretokenized"].decode() == expected[name]
+        a, b, c = (row[f"{name}_pretokenized"].decode() for name in (F.HYPER_INPUTS, F.INPUTS, F.TARGETS))
+        assert _words(a) + _words(b) + _words(c) == _words(doc)
+        n = len(_words(doc))
+        assert 0.2 * n - 1 <= len(_words(a)) <= 0.5 * n + 1 and 0.2 * n - 1 <= len(_words(b)) <= 0.4 * n + 1
+        assert a in doc and b in doc and c in doc  # inner whitespace kept
+        assert row[F.FULL_INPUTS + "_pretokenized"].decode() == f"{a} {b}"
         assert row[F.TASK_NAME] == b"pretrain"
-        assert row[F.FULL_INPUTS + "_pretokenized"].decode() == f"{expected[F.HYPER_INPUTS]} {expected[F.INPUTS]}"
-        assert list(row[F.TARGETS]) == list(VOCAB.encode(expected[F.TARGETS])) + [VOCAB.eos_id]
+        assert list(row[F.TARGETS]) == list(VOCAB.encode(c)) + [VOCAB.eos_id]
         assert F.REFERENCES not in row
     val = _rows(task, "validation")
     assert len(val) == 1 and list(val[0][F.REFERENCES]) == [val[0]["targets_pretokenized"]]
@@ -126,6 +134,36 @@ def test_registered_task_matches_the_python_cut(corpus):
     assert val[0]["targets_pretokenized"] == rows[0]["targets_pretokenized"]
     other = pretrain.register_pretrain(str(root), VOCAB, name="pretrain_test_seed", seed=6)
     assert [r["targets_pretokenized"] for r in _rows(other, "train")] != [r["targets_pretokenized"] for r in rows]
+
+
+LENGTHS = {F.HYPER_INPUTS: 40, F.INPUTS: 24, F.TARGETS: 12, F.FULL_INPUTS: 56}
+
+
+def test_long_documents_are_windowed_so_no_part_is_truncated(tmp_path):
+    """With training lengths, a long document becomes consecutive windows: every part fits its feature (byte
+    vocabulary: one token per byte, plus EOS), c starts at the word after b's last and b after a's, and the
+    windows follow each other through the document (so c always continues b, as in HINT's pretraining)."""
+    rng = random.Random(3)
+    doc = " ".join("".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 7))) for _ in range(400))
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": doc}) + "\n")
+    task = pretrain.register_pretrain(str(tmp_path), VOCAB, name="pretrain_windows", seed=1, min_words=4)
+    rows = list(task.get_dataset(sequence_length=LENGTHS, split="train", shuffle=False).as_numpy_iterator())
+    assert len(rows) >= 10  # 400 words of ~5 bytes in windows of at most 66 bytes
+    words, position = _words(doc), 0
+    for row in rows:
+        parts = [row[f"{name}_pretokenized"].decode() for name in (F.HYPER_INPUTS, F.INPUTS, F.TARGETS)]
+        for name, part in zip((F.HYPER_INPUTS, F.INPUTS, F.TARGETS), parts):
+            assert part and len(part.encode()) <= LENGTHS[name] - 1, (name, part)
+        assert len(row[F.FULL_INPUTS + "_pretokenized"]) <= LENGTHS[F.FULL_INPUTS] - 1
+        run = _words(parts[0]) + _words(parts[1]) + _words(parts[2])
+        start = words.index(run[0], position)
+        assert words[start:start + len(run)] == run  # a | b | c contiguous in the document
+        assert start - position <= 8  # at most a few words skipped between windows (a fitted to its length)
+        position = start + len(run)
+        # The tokenised features hold every token of their part: nothing was cut off by the lengths.
+        assert list(row[F.TARGETS]) == list(VOCAB.encode(parts[2])) + [VOCAB.eos_id]
+        assert list(row[F.INPUTS]) == list(VOCAB.encode(parts[1])) + [VOCAB.eos_id]
+    assert len(words) - position < 66  # the windows reach the document's end
 
 
 def test_registration_touches_neither_network_nor_tfds(monkeypatch):
