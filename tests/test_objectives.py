@@ -184,3 +184,30 @@ def test_l_ins_pulls_on_the_generator_about_as_hard_as_ce_at_t5_base_shapes():
     ratio = {r: float(n / ce_norm) for r, n in l_ins_norms.items()}
     assert 1e-2 <= ratio["relative"] <= 1e2, ratio
     assert ratio["mean"] < 1e-4, ratio
+
+
+def test_logged_term_gradient_norms_match_each_term_differentiated_alone(setup):
+    """hypernet_grad_norm/{ce,l_ins} (logged at log steps) against CE and λ2·L_ins written out here from the
+    model's pure functions and differentiated one at a time; the KL one is live."""
+    config, model, params, _ = setup
+    batch = _batch()
+    logged = jax.jit(objectives.make_diagnostics_fn("finetune", config, model, TASK_TO_TEACHER))(params, batch, None)
+    student, teacher = params["student"], params["teacher"]
+    rows = TASK_TO_TEACHER[batch[F.TASK_ID]]
+
+    def ce(hypernet):
+        logits, _ = tagi_lib.student_forward(model, {**student, "hypernet": hypernet}, batch)
+        return losses.cross_entropy(logits, batch[F.DECODER_TARGET_TOKENS], batch[F.DECODER_LOSS_WEIGHTS],
+                                    z_loss=config.loss.z_loss, label_smoothing=config.loss.label_smoothing)[0]
+
+    def weighted_l_ins(hypernet):
+        generated, _, _ = tagi_lib.generate_adapters(model, {**student, "hypernet": hypernet},
+                                                     batch[F.HYPER_ENCODER_INPUT_TOKENS])
+        l_ins = losses.alignment_loss(generated, tagi_lib.teacher_adapters(model, teacher, rows),
+                                      config.loss.alignment, config.loss.alignment_reduction)
+        return jax.nn.sigmoid(jax.lax.stop_gradient(l_ins)) * l_ins
+
+    for name, fn in (("ce", ce), ("l_ins", weighted_l_ins)):
+        expected = float(optax.tree.norm(jax.jit(jax.grad(fn))(student["hypernet"])))
+        assert float(logged[f"hypernet_grad_norm/{name}"]) == pytest.approx(expected, rel=1e-4), name
+    assert float(logged["hypernet_grad_norm/kl"]) > 0.0

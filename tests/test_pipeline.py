@@ -206,7 +206,8 @@ def test_every_stage_trains_and_summary_is_written(tiny_run):
         rows = [json.loads(line) for line in open(log)]
         assert rows and np.isfinite(rows[-1]["loss"])
     finetune = [json.loads(line) for line in open(os.path.join(workdir, "finetune", "metrics.jsonl"))][-1]
-    for term in ("cross_entropy", "kl", "l_ins", "lambda_ins", "adapter_sq_norm"):
+    for term in ("cross_entropy", "kl", "l_ins", "lambda_ins", "adapter_sq_norm", "hypernet_grad_norm/ce",
+                 "hypernet_grad_norm/kl", "hypernet_grad_norm/l_ins"):
         assert term in finetune, term
     assert finetune["kl"] > 0.0  # the KL term is live (the original code's was silently zero)
 
