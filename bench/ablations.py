@@ -13,11 +13,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import shutil
 import sys
 import time
 
-from _common import print_run_header, settings_from_args, settings_parser  # noqa: E402  (puts the repo on the path)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # `python bench/x.py`: find the repo
+
+from bench._common import print_run_header, settings_from_args, settings_parser  # noqa: E402
 
 from configs.demo import get_config as demo_config  # noqa: E402
 from tagi_jax.run import pipeline  # noqa: E402
@@ -26,7 +29,7 @@ from tagi_jax.run import pipeline  # noqa: E402
 VARIANTS = {
     "full": ("TAGI as the demo trains it (backbone 'all', dense generator heads)", {}, False, True),
     "no_kl": ("- KL (λ1 = 0)", {"loss.lambda_kl": 0.0}, True, True),
-    "no_l_ins": ("- L_ins (λ2 = 0)", {"loss.lambda_ins": 0.0}, True, True),
+    "no_l_ins": ("- L_ins (λ2 = 0)", {"loss.lambda_ins": "0"}, True, True),
     "relative_l_ins": ("L_ins relative to the teacher's update (the paper configs' reduction)",
                        {"loss.alignment_reduction": "relative"}, True, True),
     "no_pretraining": ("- hypernetwork pretraining (finetune starts from the backbone)", {}, False, False),
@@ -66,10 +69,24 @@ def _set(config, dotted: str, value) -> None:
     node[key] = value
 
 
+def variant_config(settings: Settings, name: str):
+    """The demo config with the variant's overrides (as `run_variant` trains it)."""
+    _, overrides, _, pretrains = VARIANTS[name]
+    c = base_config(settings)
+    for key, value in overrides.items():
+        _set(c, key, value)
+    c.pipeline.stages = ("pretrain", "finetune") if pretrains else ("finetune",)
+    if not pretrains:
+        c.stages.finetune.init_from = "concat"
+    c.pipeline.evaluate = ("tagi",)
+    return c
+
+
 def base_config(settings: Settings):
     c = demo_config()
-    c.stages.pretrain.train.steps = settings.pretrain_steps
-    c.stages.finetune.train.steps = settings.finetune_steps
+    for stage, steps in (("pretrain", settings.pretrain_steps), ("finetune", settings.finetune_steps)):
+        c.stages[stage].train.steps = steps
+        c.stages[stage].optimizer.warmup_steps = min(100, steps // 10)  # the demo's rule, for any budget
     for stage in c.stages:
         c.stages[stage].train.progress_bar = False
     return c
@@ -97,19 +114,13 @@ def run_variant(settings: Settings, shared: str, name: str) -> dict:
     if os.path.isfile(summary_path):
         with open(summary_path) as f:
             return {"summary": json.load(f)["tagi"], "seconds": None}
-    _, overrides, reuse_pretrain, pretrains = VARIANTS[name]
+    reuse_pretrain = VARIANTS[name][2]
     os.makedirs(workdir, exist_ok=True)
     for part in SHARED + ("data",):  # the same backbone, teachers and vocabulary for every variant
         _copy_stage(shared, workdir, part)
     if reuse_pretrain:
         _copy_stage(os.path.join(settings.out, "full"), workdir, "pretrain")
-    c = base_config(settings)
-    for key, value in overrides.items():
-        _set(c, key, value)
-    c.pipeline.stages = ("pretrain", "finetune") if pretrains else ("finetune",)
-    if not pretrains:
-        c.stages.finetune.init_from = "concat"
-    c.pipeline.evaluate = ("tagi",)
+    c = variant_config(settings, name)
     print(f"== {name}: {VARIANTS[name][0]}", flush=True)
     t0 = time.time()
     result = pipeline.run(c, workdir)
@@ -117,7 +128,7 @@ def run_variant(settings: Settings, shared: str, name: str) -> dict:
 
 
 def table(settings: Settings, rows: dict) -> str:
-    lines = [f"| variant | unseen ROUGE-L | unseen EM | seen ROUGE-L | seen EM | minutes |",
+    lines = ["| variant | unseen ROUGE-L | unseen EM | seen ROUGE-L | seen EM | minutes |",
              "|---|---|---|---|---|---|"]
     for name, row in rows.items():
         s = row["summary"]
@@ -136,14 +147,20 @@ def main(argv=None) -> int:
     if any(VARIANTS[n][2] for n in names) and "full" not in names:
         names = ["full"] + names  # their pretraining is the full model's
     shared = train_shared(settings)
-    rows = {name: run_variant(settings, shared, name) for name in names}
+    rows, failed = {}, []
+    for name in names:
+        try:
+            rows[name] = run_variant(settings, shared, name)
+        except Exception as e:  # noqa: BLE001 - one variant's failure must not cost the others
+            print(f"error: variant {name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            failed.append(name)
     text = table(settings, rows)
     with open(os.path.join(settings.out, "ablations.json"), "w") as f:
         json.dump({"settings": dataclasses.asdict(settings), "rows": rows}, f, indent=2)
     with open(os.path.join(settings.out, "ablations.md"), "w") as f:
         f.write(text + "\n")
     print(text)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

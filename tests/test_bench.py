@@ -124,3 +124,27 @@ def test_mixed_batch_paths():
     decoder_factor_mb = sum(np.asarray(bench.per_example[t][k]).nbytes for t in bench.per_example
                             if t.startswith("decoder") for k in ("A", "B")) / 1e6
     assert 0 <= copies["adapter_slice_mb"] <= decoder_factor_mb
+
+
+def test_every_ablation_variant_is_a_valid_demo_config():
+    """Each variant's overrides name real keys with the right types and pass the run config's checks, and each
+    changes what it says (a typo'd or mistyped key would only fail after an hour of training)."""
+    from bench import ablations
+    from tagi_jax.run import defaults
+
+    settings = ablations.Settings(pretrain_steps=3, finetune_steps=5)
+    full = ablations.variant_config(settings, "full")
+    expected = {"no_kl": ("loss", "lambda_kl", 0.0), "no_l_ins": ("loss", "lambda_ins", "0"),
+                "relative_l_ins": ("loss", "alignment_reduction", "relative"), "no_fusion": ("tagi", "fusion", "none"),
+                "backbone_none": ("tagi", "train_backbone", "none"), "bottleneck_generator": ("hypernet", "head", "bottleneck")}
+    for name in ablations.VARIANTS:
+        c = ablations.variant_config(settings, name)
+        defaults.validate(c)
+        assert c.stages.finetune.train.steps == 5 and c.pipeline.evaluate == ("tagi",)
+        if name in expected:
+            section, key, value = expected[name]
+            assert c[section][key] == value != full[section][key], name
+    assert defaults.lambda_ins(ablations.variant_config(settings, "no_l_ins")) == 0.0
+    assert ablations.variant_config(settings, "no_pretraining").pipeline.stages == ("finetune",)
+    with pytest.raises(ValueError, match="unknown"):
+        ablations.Settings(variants="full,typo")
