@@ -164,14 +164,18 @@ def test_alignment_equals_brute_force_matrix_norm():
     assert float(adapter_alignment(gen, gen)) < 1e-3 * _brute_delta(gen, teacher)
 
 
+def _full_deltas(g, t):
+    """(ΔW_g, ΔW_t) = scale·A·B as full float64 matrices [batch, layers, d_in, d_out], broadcast together."""
+    dg = g["scale"] * np.einsum("...dr,...ro->...do", g["A"].astype(np.float64), g["B"].astype(np.float64))
+    dt = t["scale"] * np.einsum("...dr,...ro->...do", t["A"].astype(np.float64), t["B"].astype(np.float64))
+    return np.broadcast_arrays(dg, dt)
+
+
 def _brute_per_target(gen, teacher):
     """{target: (‖ΔW_g − ΔW_t‖² [batch], ‖ΔW_t‖² [batch], layers·d_in·d_out)} in float64, from full matrices."""
     out = {}
     for target in gen:
-        g, t = gen[target], teacher[target]
-        dg = g["scale"] * np.einsum("...dr,...ro->...do", g["A"].astype(np.float64), g["B"].astype(np.float64))
-        dt = t["scale"] * np.einsum("...dr,...ro->...do", t["A"].astype(np.float64), t["B"].astype(np.float64))
-        dg, dt = np.broadcast_arrays(dg, dt)
+        dg, dt = _full_deltas(gen[target], teacher[target])
         out[target] = (((dg - dt) ** 2).sum(axis=(-3, -2, -1)), (dt ** 2).sum(axis=(-3, -2, -1)), dg[0].size)
     return out
 
@@ -180,10 +184,7 @@ def _brute_relative(gen, teacher):
     """{target: batch mean of Σ_layers ‖ΔW_g − ΔW_t‖² / ‖ΔW_t‖²}, per layer from full float64 matrices."""
     out = {}
     for target in gen:
-        g, t = gen[target], teacher[target]
-        dg = g["scale"] * np.einsum("...dr,...ro->...do", g["A"].astype(np.float64), g["B"].astype(np.float64))
-        dt = t["scale"] * np.einsum("...dr,...ro->...do", t["A"].astype(np.float64), t["B"].astype(np.float64))
-        dg, dt = np.broadcast_arrays(dg, dt)
+        dg, dt = _full_deltas(gen[target], teacher[target])
         out[target] = (((dg - dt) ** 2).sum(axis=(-2, -1)) / (dt ** 2).sum(axis=(-2, -1))).sum(axis=-1).mean()
     return out
 

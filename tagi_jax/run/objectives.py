@@ -65,6 +65,12 @@ def _student_ce(config, model, rows) -> LossFn:
     return loss_fn
 
 
+def _alignment(config, model, generated, teacher, tbatch):
+    """L_ins of generated adapters against each example's teacher row (`tbatch` has rows as task ids)."""
+    t_adapters = tagi_lib.teacher_adapters(model, teacher, tbatch[F.TASK_ID])
+    return losses.alignment_loss(generated, t_adapters, config.loss.alignment, config.loss.alignment_reduction)
+
+
 def _distillation_terms(config, model, rows):
     """terms(params, batch, rng) -> (CE, KL or None, L_ins or None, CE metrics, generated adapters) of stage 2,
     on the {"student", "teacher"} tree; the KL teacher is the backbone with the task's LoRA teacher on
@@ -85,9 +91,7 @@ def _distillation_terms(config, model, rows):
                         else tagi_lib.teacher_logits(model, teacher, tbatch))
             kl = losses.distillation_kl(logits, t_logits, batch[F.DECODER_LOSS_WEIGHTS], config.loss.temperature)
         if use_ins:
-            t_adapters = tagi_lib.teacher_adapters(model, teacher, tbatch[F.TASK_ID])
-            l_ins = losses.alignment_loss(generated, t_adapters, config.loss.alignment,
-                                          config.loss.alignment_reduction)
+            l_ins = _alignment(config, model, generated, teacher, tbatch)
         return ce, kl, l_ins, metrics, generated
     return terms
 
@@ -108,9 +112,7 @@ def _distillation(config, model, rows) -> BatchNormalizedLoss:
         if weight_ins == "sigmoid":  # the batch's L_ins (no decoder pass): generated vs teacher adapters
             student, teacher = params["student"], params["teacher"]
             generated, _, _ = tagi_lib.generate_adapters(model, student, batch[F.HYPER_ENCODER_INPUT_TOKENS])
-            t_adapters = tagi_lib.teacher_adapters(model, teacher, rows(batch)[F.TASK_ID])
-            l_ins = losses.alignment_loss(generated, t_adapters, config.loss.alignment, config.loss.alignment_reduction)
-            context["lambda_ins"] = jax.nn.sigmoid(l_ins)
+            context["lambda_ins"] = jax.nn.sigmoid(_alignment(config, model, generated, teacher, rows(batch)))
         return context
 
     def share_fn(params, batch, rng, context):
