@@ -17,6 +17,8 @@ def pretrained_backbone_config(hypernet_hidden_dim: int, teachers_per: str) -> c
     c.model.checkpoint = ""  # required: a local google/t5-<size>-lm-adapt directory (config.json + weights)
     c.model.dtype = "bfloat16"
     c.model.dropout_rate = 0.1
+    # Each layer's activations are recomputed in the backward pass (launch/compile.py: what fits a slice).
+    c.model.remat_policy = "full"
     # Generator heads factorised at rank 64: about 8% of T5-Base's parameters (dense heads would be 60%).
     c.hypernet.update(dict(rank=32, lora_alpha=32.0, hidden_dim=hypernet_hidden_dim, embed_dim=128,
                            dropout_rate=0.1, head="factorised", head_dim=64))

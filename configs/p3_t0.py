@@ -66,7 +66,7 @@ def get_config(size: str = "base"):
         s.optimizer.update(dict(name="adafactor", learning_rate=_LR, warmup_steps=0, schedule="constant",
                                 weight_decay=0.0, clip_norm=0.0))
         s.optimizer.adafactor.multiply_by_parameter_scale = False
-    c.mesh.update(dict(data=-1, model=model_axis, fsdp=size == "xxl"))
+    c.mesh.update(dict(data=-1, model=model_axis, fsdp=True))  # FSDP: parameters, optimizer state over data
     # Every validation example (the largest held-out set, HellaSwag, has 10,042); batch = scored choices.
     c.eval.update(dict(batch_size=64, max_examples_per_task=100_000))
     return c

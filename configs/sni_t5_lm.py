@@ -43,6 +43,6 @@ def get_config(size: str = "base"):
         s.optimizer.update(dict(name="adamw", learning_rate=lr * (10 if stage == "teachers" else 1),
                                 warmup_steps=max(1, int(0.03 * n)), schedule="linear", weight_decay=0.0,
                                 clip_norm=1.0))
-    c.mesh.update(dict(data=-1, model=model_axis, fsdp=size == "xxl"))
+    c.mesh.update(dict(data=-1, model=model_axis, fsdp=True))  # FSDP: parameters, optimizer state over data
     c.eval.update(dict(batch_size=64, max_decode_len=128, beam_size=1, max_examples_per_task=100))
     return c

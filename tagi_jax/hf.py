@@ -291,6 +291,21 @@ def _open_checkpoint(path: str) -> _TensorSource:
 # --------------------------------------------------------------------------------------------------------
 
 
+def read_hf_config(path: str) -> tuple[dict, str]:
+    """(config.json as a dict, its path) of a transformers T5 directory; one-line errors naming the file."""
+    cfg_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: missing (a transformers T5 directory needs config.json)")
+    try:
+        with open(cfg_path) as f:
+            hf_cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+    if isinstance(hf_cfg, dict):
+        return hf_cfg, cfg_path
+    raise ValueError(f"{cfg_path}: expected a JSON object")
+
+
 def load_t5(path: str, dtype: Optional[str] = None, *, param_dtype: str = "float32") -> tuple[T5Config, dict]:
     """(T5Config, params) from a local transformers T5 directory.
 
@@ -302,14 +317,7 @@ def load_t5(path: str, dtype: Optional[str] = None, *, param_dtype: str = "float
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory (expected a transformers T5 checkpoint directory)")
-    cfg_path = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path}: missing (a transformers T5 directory needs config.json)")
-    try:
-        with open(cfg_path) as f:
-            hf_cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+    hf_cfg, cfg_path = read_hf_config(path)
     config_from_hf(hf_cfg, tied=True, source=cfg_path)  # validate before touching the weights
     source = _open_checkpoint(path)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from tagi_jax.models import lora
@@ -27,7 +28,7 @@ class EncoderLayer(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, x, bias, mask, *, attn_factors, ffn_factors, deterministic, fusion_states=None,
+    def __call__(self, x, bias, mask, attn_factors, ffn_factors, deterministic, fusion_states=None,
                  fusion_mask=None):
         cfg = self.config
         h = LayerNorm(cfg, name="pre_attention_layer_norm")(x)
@@ -49,7 +50,7 @@ class DecoderLayer(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, x, encoded, bias, self_mask, cross_mask, *, self_factors, cross_factors, ffn_factors,
+    def __call__(self, x, encoded, bias, self_mask, cross_mask, self_factors, cross_factors, ffn_factors,
                  deterministic, decode, cache_length):
         cfg = self.config
         h = LayerNorm(cfg, name="pre_self_attention_layer_norm")(x)
@@ -65,6 +66,25 @@ class DecoderLayer(nn.Module):
         h = MlpBlock(cfg, name="mlp")(h, factors=ffn_factors, deterministic=deterministic)
         x = x + residual_dropout(cfg, h, deterministic)
         return constrain(x, ("batch", "length", "embed"))
+
+
+# What each `model.remat_policy` keeps for the backward pass (everything else is recomputed), by the names of
+# `jax.checkpoint_policies`: "full" keeps only the layer inputs; "dots" also every matmul output (less recompute,
+# more memory); "dots_with_no_batch_dims" keeps the weight matmuls but not attention's batched dot products.
+REMAT_POLICIES = {
+    "full": "nothing_saveable",
+    "dots": "dots_saveable",
+    "dots_with_no_batch_dims": "dots_with_no_batch_dims_saveable",
+}
+
+
+def rematerialised(layer_cls, cfg: T5Config, static_argnums: tuple[int, ...]):
+    """`layer_cls`, or its `nn.remat` under `cfg.remat_policy` ("none": no rematerialisation). Parameter
+    names are unchanged. `static_argnums` count `self` as argument 0 (Flax's convention)."""
+    if cfg.remat_policy == "none":
+        return layer_cls
+    policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[cfg.remat_policy])
+    return nn.remat(layer_cls, policy=policy, static_argnums=static_argnums, prevent_cse=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -88,11 +108,11 @@ class Encoder(nn.Module):
         length = tokens.shape[1]
         bias = RelativePositionBiases(cfg, bidirectional=True, name="relpos_bias")(length, length)
         mask = (tokens > 0)[:, None, None, :]
+        layer = rematerialised(EncoderLayer, cfg, static_argnums=(6,))  # `deterministic` is static
         for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, name=f"layers_{i}")(
-                x, bias, mask, attn_factors=lora.block_factors(adapters, "encoder_self", i),
-                ffn_factors=lora.block_factors(adapters, "encoder_ffn", i), deterministic=deterministic,
-                fusion_states=fusion_states, fusion_mask=fusion_mask)
+            x = layer(cfg, name=f"layers_{i}")(
+                x, bias, mask, lora.block_factors(adapters, "encoder_self", i),
+                lora.block_factors(adapters, "encoder_ffn", i), deterministic, fusion_states, fusion_mask)
         x = LayerNorm(cfg, name="encoder_norm")(x)
         return residual_dropout(cfg, x, deterministic)
 
@@ -128,13 +148,13 @@ class Decoder(nn.Module):
 
         x = constrain(self.shared_embedding(decoder_input_tokens), ("batch", "length", "embed"))
         x = residual_dropout(cfg, x, deterministic)
+        # The one-token decode step keeps no activations for a backward pass: nothing to rematerialise.
+        layer = DecoderLayer if decode else rematerialised(DecoderLayer, cfg, static_argnums=(9, 10, 11))
         for i in range(cfg.num_decoder_layers):
-            x = DecoderLayer(cfg, name=f"layers_{i}")(
-                x, encoded, bias, self_mask, cross_mask,
-                self_factors=lora.block_factors(adapters, "decoder_self", i),
-                cross_factors=lora.block_factors(adapters, "decoder_cross", i),
-                ffn_factors=lora.block_factors(adapters, "decoder_ffn", i),
-                deterministic=deterministic, decode=decode, cache_length=cache_length)
+            x = layer(cfg, name=f"layers_{i}")(
+                x, encoded, bias, self_mask, cross_mask, lora.block_factors(adapters, "decoder_self", i),
+                lora.block_factors(adapters, "decoder_cross", i), lora.block_factors(adapters, "decoder_ffn", i),
+                deterministic, decode, cache_length)
         x = LayerNorm(cfg, name="decoder_norm")(x)
         x = residual_dropout(cfg, x, deterministic)
 

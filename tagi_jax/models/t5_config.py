@@ -54,6 +54,9 @@ class T5Config(DictConfig):
     scale_decoder_outputs: bool | None = None
     dtype: str = "float32"  # compute dtype, e.g. "bfloat16"
     param_dtype: str = "float32"
+    # Rematerialisation of each encoder / decoder layer in training: "none", "full", "dots" or
+    # "dots_with_no_batch_dims" (tagi_jax.models.t5.REMAT_POLICIES): memory for recomputation.
+    remat_policy: str = "none"
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
@@ -64,6 +67,9 @@ class T5Config(DictConfig):
                 f"model.feed_forward_proj: {self.feed_forward_proj!r} is not supported "
                 "(expected 'relu' or 'gated-gelu')"
             )
+        if self.remat_policy not in ("none", "full", "dots", "dots_with_no_batch_dims"):
+            raise ValueError(f"model.remat_policy: {self.remat_policy!r} is not one of 'none', 'full', 'dots', "
+                             "'dots_with_no_batch_dims'")
         for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
                       "num_decoder_layers"):
             if getattr(self, field) <= 0:
@@ -99,5 +105,27 @@ def tiny_config(**overrides) -> T5Config:
     base = dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=2,
                 num_decoder_layers=2, relative_attention_num_buckets=8,
                 relative_attention_max_distance=20, dropout_rate=0.0)
+    base.update(overrides)
+    return T5Config(**base)
+
+
+# The published T5 v1.1 / LM-adapt architectures (their config.json files; T0 and Tk-Instruct share them):
+# size -> (d_model, d_ff, num_heads, layers per stack). All have d_kv 64, vocabulary 32128, gated GELU.
+T5_V1_1_SIZES = {
+    "small": (512, 1024, 6, 8),
+    "base": (768, 2048, 12, 12),
+    "large": (1024, 2816, 16, 24),
+    "xl": (2048, 5120, 32, 24),
+    "xxl": (4096, 10240, 64, 24),
+}
+
+
+def t5_v1_1_config(size: str, **overrides) -> T5Config:
+    """The T5 v1.1 / LM-adapt architecture of `size` (shapes only: for planning memory without a checkpoint)."""
+    if size not in T5_V1_1_SIZES:
+        raise ValueError(f"T5 v1.1 size {size!r} is not one of {', '.join(T5_V1_1_SIZES)}")
+    d_model, d_ff, heads, layers = T5_V1_1_SIZES[size]
+    base = dict(vocab_size=32128, d_model=d_model, d_kv=64, d_ff=d_ff, num_heads=heads, num_encoder_layers=layers,
+                num_decoder_layers=layers, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
     base.update(overrides)
     return T5Config(**base)

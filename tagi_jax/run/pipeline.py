@@ -64,7 +64,7 @@ def prepare(config: config_dict.ConfigDict, workdir: str) -> RunContext:
     hf_params = t5 = None
     if config.model.checkpoint:
         t5, hf_params = hf.load_t5(config.model.checkpoint, dtype=config.model.dtype)
-        t5 = t5.replace(dropout_rate=config.model.dropout_rate)
+        t5 = t5.replace(dropout_rate=config.model.dropout_rate, remat_policy=config.model.remat_policy)
     model_cfg = tagi_config(config, num_teachers=len(bench.teacher_keys(per)), t5=t5)
     if bench.vocabulary.vocab_size > model_cfg.t5.vocab_size:
         raise ConfigError(f"config key 'model.vocab_size': the model has {model_cfg.t5.vocab_size} embeddings but "

@@ -9,12 +9,10 @@ Work directory layout: `checkpoints/<step>/` (Orbax), `config.json`, `model-info
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,14 +20,13 @@ import orbax.checkpoint as ocp
 from ml_collections import config_dict
 
 from tagi_jax import partitioning
-from tagi_jax.config import ConfigError, rename_sections
 from tagi_jax.trainer import guards, optim
 from tagi_jax.trainer.checkpoints import checkpoint_dir
-from tagi_jax.trainer.config import validate_trainer_config
 from tagi_jax.trainer.distributed import make_global_batch
 from tagi_jax.trainer.metric_writers import MetricWriter, ProgressBar, is_writer_process
-from tagi_jax.trainer.steps import LOSS_WEIGHT, Batch, LossFn, eval_step, train_step
-from tagi_jax.trainer.train_state import TrainState, abstract_state, check_float32, state_shardings
+from tagi_jax.trainer.program import StepProgram
+from tagi_jax.trainer.steps import LOSS_WEIGHT, Batch, LossFn
+from tagi_jax.trainer.train_state import TrainState
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,67 +79,21 @@ class Trainer:
         self.config = config
         self.workdir = os.path.abspath(workdir)
         self.name = name or os.path.basename(self.workdir)
-        self.mesh = mesh if mesh is not None else partitioning.create_mesh(config.mesh.data, config.mesh.model)
-        self.rules = rules if rules is not None else partitioning.logical_axis_rules(bool(config.mesh.fsdp))
-        validate_trainer_config(
-            config, data_parallel_size=self.mesh.shape[partitioning.DATA_AXIS], section_names=section_names
-        )
+        program = StepProgram(config, init_fn=init_fn, loss_fn=loss_fn, eval_loss_fn=eval_loss_fn, mesh=mesh,
+                              rules=rules, section_names=section_names, diagnostics_fn=diagnostics_fn)
+        self.program = program
+        self.mesh, self.rules, self.replicated, self.init_fn = program.mesh, program.rules, program.replicated, init_fn
         train = config.train
-        self.replicated = partitioning.replicated(self.mesh)
-
         init_rng, step_rng = jax.random.split(jax.random.key(int(config.seed)))
         self._init_rng = jax.device_put(init_rng, self.replicated)
         self._step_rng = jax.device_put(step_rng, self.replicated)
-        self.init_fn = init_fn
-
-        self.abstract_params, self.param_mesh_specs = partitioning.abstract_with_shardings(
-            init_fn, self.mesh, self.rules, init_rng
-        )
-        check_float32(self.abstract_params)
-        self.param_shardings = jax.tree.map(lambda x: x.sharding, self.abstract_params)
-        opt_cfg = config.optimizer
-        try:
-            self.labels = optim.parameter_labels(
-                self.abstract_params, tuple(opt_cfg.get("frozen", ()) or ()), opt_cfg.get("groups")
-            )
-        except ConfigError as e:
-            raise ConfigError(rename_sections(str(e), section_names)) from None
-        self.trainable = optim.trainable_mask(self.labels)
-        self.tx, self.schedule = optim.make_optimizer(opt_cfg, self.labels, total_steps=train.steps)
-        self.state_shardings = state_shardings(self.tx, self.abstract_params, self.param_shardings, self.replicated)
-        self.abstract_state = abstract_state(self.tx, self.abstract_params, self.state_shardings)
-
-        data = partitioning.data_sharding(self.mesh)  # a prefix: every batch leaf split on its first axis
-        step_fn = functools.partial(
-            train_step,
-            loss_fn=loss_fn,
-            tx=self.tx,
-            trainable=self.trainable,
-            num_microbatches=int(train.num_microbatches),
-            schedule=self.schedule,
-        )
-        self._train_step = jax.jit(
-            step_fn,
-            in_shardings=(self.state_shardings, data, self.replicated),
-            out_shardings=(self.state_shardings, self.replicated),
-            donate_argnums=(0,),
-        )
-        self._eval_step = jax.jit(
-            functools.partial(eval_step, loss_fn=eval_loss_fn or loss_fn),
-            in_shardings=(self.param_shardings, data),
-            out_shardings=self.replicated,
-        )
-
-        self._diagnostics = None if diagnostics_fn is None else jax.jit(
-            diagnostics_fn, in_shardings=(self.param_shardings, data, self.replicated), out_shardings=self.replicated)
-
-        self._init_state = jax.jit(
-            lambda rng: TrainState.create(nn.meta.unbox(init_fn(rng)), self.tx), out_shardings=self.state_shardings
-        )
-        self._init_params = jax.jit(lambda rng: nn.meta.unbox(init_fn(rng)), out_shardings=self.param_shardings)
-        self._init_opt_state = jax.jit(
-            self.tx.init, in_shardings=(self.param_shardings,), out_shardings=self.state_shardings.opt_state
-        )
+        self.abstract_params, self.param_mesh_specs = program.abstract_params, program.param_mesh_specs
+        self.param_shardings, self.labels, self.trainable = program.param_shardings, program.labels, program.trainable
+        self.tx, self.schedule = program.tx, program.schedule
+        self.state_shardings, self.abstract_state = program.state_shardings, program.abstract_state
+        self._train_step, self._eval_step, self._diagnostics = program.train_step, program.eval_step, program.diagnostics
+        self._init_state, self._init_params = program.init_state, program.init_params
+        self._init_opt_state = program.init_opt_state
 
         keep = int(train.keep_checkpoints)
         self.checkpoints = ocp.CheckpointManager(
