@@ -171,7 +171,7 @@ def _synthetic_corpus(suite, path: str, seed: int, docs_per_task: int = 8) -> st
     without ever showing an unseen task.
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp{os.getpid()}"  # hosts sharing a work directory each write their own, then rename
     with open(tmp, "w") as f:
         for task in suite.train_tasks:  # seen tasks only
             for d in range(docs_per_task):

@@ -130,15 +130,23 @@ def write_run_files(workdir: str, config: config_dict.ConfigDict, model_cfg: tag
     if changed:
         history.append({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "changed": dict(changed)})
-    with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
-        json.dump(model_cfg.t5.to_dict(), f, indent=1, sort_keys=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    _write_atomically(os.path.join(workdir, MODEL_CONFIG_FILE),
+                      json.dumps(model_cfg.t5.to_dict(), indent=1, sort_keys=True))
+    _write_atomically(os.path.join(workdir, CONFIG_FILE), text)
+    _write_atomically(os.path.join(workdir, RUN_FILE),
+                      json.dumps({"config_sha256": _sha256(text), "history": history}, indent=1))
+    _write_atomically(os.path.join(workdir, TASKS_FILE), json.dumps(
+        {"train_task_names": list(train_task_names), "teachers_per": teachers_per,
+         "teacher_keys": list(teacher_keys), "categories": dict(categories)}, indent=1))
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Other hosts of a multi-host run read these files (`check_resume`, `load_trained`) while process 0 may be
+    writing them: they see the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         f.write(text)
-    with open(os.path.join(workdir, RUN_FILE), "w") as f:
-        json.dump({"config_sha256": _sha256(text), "history": history}, f, indent=1)
-    with open(os.path.join(workdir, TASKS_FILE), "w") as f:
-        json.dump({"train_task_names": list(train_task_names), "teachers_per": teachers_per,
-                   "teacher_keys": list(teacher_keys), "categories": dict(categories)}, f, indent=1)
+    os.replace(tmp, path)
 
 
 def load_workdir_config(workdir: str) -> config_dict.ConfigDict:
@@ -179,7 +187,8 @@ def load_trained(workdir: str, method: str):
     model_cfg = tagi_config(config, num_teachers=num_teachers, t5=t5)
     model = tagi_lib.TAGI(model_cfg)
     abstract = jax.eval_shape(lambda r: nn.meta.unbox(stage_init_fn(stage, model_cfg)(r)), jax.random.key(0))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # This process's own first device: jax.devices()[0] belongs to process 0, which another host cannot address.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
     params = checkpoints.load_params(stage_dir(workdir, stage), abstract)
     if stage == "finetune":

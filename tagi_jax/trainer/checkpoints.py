@@ -1,5 +1,6 @@
 """Reading Orbax checkpoints of a trainer work directory: which exist, which parameters they hold, and a
-sharded restore of the parameters (or a subtree) alone, as one stage starts from another's output.
+sharded restore of the parameters (or a subtree) alone, as one stage starts from another's output (or to host
+numpy arrays, mesh-free).
 """
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from tagi_jax.trainer.guards import restore_newest_readable
@@ -54,6 +56,23 @@ def load_params(directory: str, abstract_params: Any, step: int | None = None) -
     for path, leaf in jax.tree_util.tree_flatten_with_path(restored["params"])[0]:
         if isinstance(leaf, jax.ShapeDtypeStruct):
             raise KeyError(f"{ckpt} (step {step}) has no parameter '{path_to_str(path)}'")
+    return restored["params"]
+
+
+def load_host_params(directory: str, step: int | None = None) -> Any:
+    """A checkpoint's parameters as host numpy arrays, whatever mesh or number of processes saved them (no
+    shardings are needed): e.g. to compare the outputs of two runs, or to look at one outside its mesh."""
+    ckpt = _checkpoints_path(directory)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(ckpt, item_handlers=ocp.StandardCheckpointHandler(), options=options) as manager:
+        steps = _steps(manager, ckpt, step)
+        step, metadata = restore_newest_readable(steps, manager.item_metadata, ckpt, move_aside=False)
+    tree = getattr(metadata, "tree", metadata)
+    item = {"params": jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), tree["params"])}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    with ocp.CheckpointManager(ckpt, options=options) as manager:
+        restored = manager.restore(step, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                    partial_restore=True))
     return restored["params"]
 
 

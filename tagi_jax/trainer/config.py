@@ -5,6 +5,7 @@ the trainer's sections live deeper in a run config (`stages.finetune.train.steps
 """
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 from ml_collections import config_dict
@@ -38,6 +39,10 @@ def default_config() -> config_dict.ConfigDict:
     c.distributed.coordinator_address = ""  # "" = auto
     c.distributed.num_processes = 0  # 0 = auto
     c.distributed.process_id = -1  # -1 = auto
+    # Cross-process collectives of the CPU backend, which a CPU-only multi-process run needs (jax 0.10's default,
+    # set explicitly so that another version's default cannot turn them off): "gloo" | "mpi" | "" (leave jax's
+    # setting). TPU and GPU collectives don't use it.
+    c.distributed.cpu_collectives = "gloo"
     return c
 
 
@@ -45,7 +50,7 @@ def validate_trainer_config(
     config: config_dict.ConfigDict, data_parallel_size: int | None = None,
     section_names: Mapping[str, str] | None = None,
 ) -> None:
-    """Check the `train`, `optimizer` and `mesh` sections.
+    """Check the `train`, `optimizer`, `mesh` and `distributed` sections.
 
     `data_parallel_size` is the mesh's `data` axis size when known (the Trainer passes it); without it
     `mesh.data` is used when positive. `section_names` renames sections in error messages (see
@@ -83,3 +88,32 @@ def _validate(config: config_dict.ConfigDict, data_parallel_size: int | None) ->
         if value == 0:
             raise ConfigError(f"config key '{key}' must be -1 (all remaining devices) or > 0, got 0")
     optim.validate_config(get_key(config, "optimizer"), total_steps=steps, prefix="optimizer")
+    if get_key(config, "distributed", None) is not None:
+        validate_distributed(config)
+
+
+CPU_COLLECTIVES = ("gloo", "mpi", "")
+
+
+def validate_distributed(config: config_dict.ConfigDict) -> None:
+    """Check the `distributed` section (before `jax.distributed.initialize` sees it)."""
+    initialize = get_key(config, "distributed.initialize", False)
+    if not isinstance(initialize, bool):
+        raise ConfigError(f"config key 'distributed.initialize' must be a bool, got {initialize!r}")
+    for key in ("coordinator_address", "cpu_collectives"):
+        value = get_key(config, f"distributed.{key}", "")
+        if not isinstance(value, str):
+            raise ConfigError(f"config key 'distributed.{key}' must be a string, got {value!r}")
+    address = get_key(config, "distributed.coordinator_address", "")
+    if address and not re.fullmatch(r"\S+:\d+", address):
+        raise ConfigError(f"config key 'distributed.coordinator_address' must be host:port, got {address!r}")
+    collectives = get_key(config, "distributed.cpu_collectives", "")
+    if collectives not in CPU_COLLECTIVES:
+        raise ConfigError(f"config key 'distributed.cpu_collectives' must be one of 'gloo', 'mpi' or '' (jax's "
+                          f"setting), got {collectives!r}")
+    # Absent keys (a config written before they existed) keep their defaults.
+    count = require_int(config, "distributed.num_processes", 0) if "num_processes" in config.distributed else 0
+    index = require_int(config, "distributed.process_id", -1) if "process_id" in config.distributed else -1
+    if count and index >= count:
+        raise ConfigError(f"config key 'distributed.process_id'={index} must be below "
+                          f"'distributed.num_processes'={count}")

@@ -22,7 +22,7 @@ from ml_collections import config_dict
 from tagi_jax import partitioning
 from tagi_jax.trainer import guards, optim
 from tagi_jax.trainer.checkpoints import checkpoint_dir
-from tagi_jax.trainer.distributed import make_global_batch
+from tagi_jax.trainer.distributed import make_global_batch, put_replicated
 from tagi_jax.trainer.metric_writers import MetricWriter, ProgressBar, is_writer_process
 from tagi_jax.trainer.program import StepProgram
 from tagi_jax.trainer.steps import LOSS_WEIGHT, Batch, LossFn
@@ -85,8 +85,8 @@ class Trainer:
         self.mesh, self.rules, self.replicated, self.init_fn = program.mesh, program.rules, program.replicated, init_fn
         train = config.train
         init_rng, step_rng = jax.random.split(jax.random.key(int(config.seed)))
-        self._init_rng = jax.device_put(init_rng, self.replicated)
-        self._step_rng = jax.device_put(step_rng, self.replicated)
+        self._init_rng = put_replicated(init_rng, self.replicated)  # multi-host: see put_replicated
+        self._step_rng = put_replicated(step_rng, self.replicated)
         self.abstract_params, self.param_mesh_specs = program.abstract_params, program.param_mesh_specs
         self.param_shardings, self.labels, self.trainable = program.param_shardings, program.labels, program.trainable
         self.tx, self.schedule = program.tx, program.schedule
