@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "pyyaml==6.0.3",
     "tensorboardX==2.6.5",
     "numpy==2.4.6",
+    "matplotlib==3.11.2",  # summary.png and curves.png (tagi_jax/eval/plots.py)
 ]
 
 TEST_REQUIRES = [
@@ -28,6 +29,10 @@ TEST_REQUIRES = [
     "torch==2.13.0",  # the CPU wheel; a plain `torch` would pull CUDA builds
     "transformers==5.23.0",
     "peft==0.21.2",
+    # tests/test_notebook.py executes notebooks/tagi_quickstart.ipynb headless
+    "nbclient==0.11.0",
+    "nbformat==5.11.1",
+    "ipykernel==7.4.0",
 ]
 
 setup(
@@ -37,5 +42,6 @@ setup(
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["tagi_jax", "tagi_jax.*", "tasks", "tasks.*", "configs"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    # `pip install -e ".[tpu]"`: launch/compile.py then compiles with the TPU compiler for abstract TPU slices.
+    extras_require={"test": TEST_REQUIRES, "tpu": ["libtpu==0.0.52"]},
 )

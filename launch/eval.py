@@ -5,7 +5,9 @@ seen tasks), Super-NaturalInstructions (the split's test tasks; greedy decoding 
 exact match) or the P3/T0 held-out sets (rank classification, accuracy per template, MTest11 and HyperT5
 averages). Adapters are generated once per task and cached in DIR/adapter_cache (keyed by instruction and
 checkpoint), so a second run reuses them. Writes DIR/eval/<method>_<benchmark>_<split>_predictions.jsonl and
-DIR/eval/<method>_<benchmark>_metrics.json, and prints a table with timing.
+DIR/eval/<method>_<benchmark>_metrics.json, and prints a table with timing; then the per-category table
+(DIR/eval/per_category.json and .md, printed), summary.png (summary_<benchmark>.png for a benchmark the run was
+not trained on) and curves.png in the work directory.
 
 Data and eval settings come from DIR/config.json, or from `--config=configs/<name>.py` (with
 `--config.key=value` overrides) when given; the model always comes from the work directory. Library logging
@@ -21,12 +23,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import jax  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from tagi_jax import cli  # noqa: E402
+from tagi_jax.eval import plots, report  # noqa: E402
 from tagi_jax.eval.runner import run_evaluation  # noqa: E402
 from tagi_jax.run.stages import check_method  # noqa: E402
+from tagi_jax.run.workdir import load_workdir_config  # noqa: E402
 
 
 def define_flags(argv) -> flags.FlagValues:
@@ -68,13 +73,20 @@ def work(args: flags.FlagValues) -> None:
         raise FileNotFoundError(f"{args.workdir}: work directory not found")
     trained = os.path.isfile(os.path.join(args.workdir, "config.json"))
     cli.setup_logging(os.path.join(args.workdir, "logs") if trained else None, "eval", args.verbose)
+    results = {}
     for method in methods:
-        run_evaluation(
+        results[method] = run_evaluation(
             args.workdir, method, args.benchmark, config=args.config, tasks=args.tasks,
             max_examples_per_task=args.max_examples_per_task, batch_size=args.batch_size,
             beam_size=args.beam_size, max_decode_len=args.max_decode_len, use_cache=args.adapter_cache,
             sni_dir=args.sni_dir, p3_templates_dir=args.p3_templates_dir, p3_data_dir=args.p3_data_dir,
             p3_datasets=args.p3_datasets)
+    if jax.process_index() == 0:  # one copy of the table and the pictures
+        trained_benchmark = load_workdir_config(args.workdir).data.benchmark
+        benchmark = args.benchmark or (args.config or load_workdir_config(args.workdir)).data.benchmark
+        report.write_category_table(args.workdir, results, benchmark)
+        plots.write_run_figures(args.workdir, plots.benchmark_summary(args.workdir, benchmark, trained_benchmark),
+                                summary_name=plots.summary_png_name(benchmark, trained_benchmark))
 
 
 def main(argv) -> int:

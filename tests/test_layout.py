@@ -20,7 +20,8 @@ LAYERS = (
     ("tagi_jax.trainer",),
     ("tagi_jax.data",),
     ("tagi_jax.run", "tagi_jax.eval"),
-    ("tagi_jax.api", "tagi_jax.cli"),
+    ("tagi_jax.api", "tagi_jax.cli", "tagi_jax.init_files", "tagi_jax.init_plan", "tagi_jax.init_probe",
+     "tagi_jax.init_wizard"),
 )
 # What `tasks` may import of the library (the feature contract and the JSON Lines reader).
 TASKS_MAY_IMPORT = {"tagi_jax.features", "tagi_jax.jsonl"}

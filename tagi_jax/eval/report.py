@@ -1,12 +1,18 @@
 """The evaluation outputs, written and printed one way: JSON / JSON Lines files, the metrics' timing fields,
-the console table of one evaluation, and summary.json's entries and table (ROUGE-L / EM, or P3 accuracy)."""
+the console table of one evaluation, summary.json's entries and table (ROUGE-L / EM, or P3 accuracy), and the
+per-category table (DIR/eval/per_category.json and .md)."""
 from __future__ import annotations
 
 import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
+from tagi_jax import metrics as metrics_lib
+from tagi_jax.jsonl import iter_jsonl
+from tagi_jax.run.workdir import TASKS_FILE
 from tasks.p3.datasets import MTEST11
+
+PER_CATEGORY = "per_category"  # DIR/eval/per_category.json (and .md): {column: {category: scores}}
 
 
 def write_jsonl(path: str, records: Iterable[Mapping]) -> str:
@@ -142,3 +148,104 @@ def _format_accuracy_summary(summary: Mapping[str, Mapping[str, Mapping[str, Any
     if missing:
         lines.append(f"(not in the MTest11 average: {', '.join(missing)})")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ per category
+def category_column(method: str, benchmark: str, label: str) -> str:
+    """A per-category table's column: e.g. "tagi sni/unseen"."""
+    return f"{method} {benchmark}/{label}"
+
+
+def per_category_from_metrics(results: Mapping[str, Mapping[str, Mapping]], benchmark: str) -> dict:
+    """{column: {category: {rougeL, exact_match}}} from {method: {split: metrics}} (`run_evaluation`'s); splits
+    scored without categories (P3: its per-dataset accuracies are the table) give no column."""
+    out = {}
+    for method, by_label in results.items():
+        for label, m in by_label.items():
+            groups = m.get("per_category")
+            if groups:
+                out[category_column(method, benchmark, label)] = {
+                    c: {"rougeL": float(g["rougeL"]), "exact_match": float(g["exact_match"])}
+                    for c, g in sorted(groups.items())}
+    return out
+
+
+def per_category_from_predictions(workdir: str, summary: Mapping[str, Mapping], benchmark: str) -> dict:
+    """The same table re-scored from the predictions a pipeline run wrote (DIR/eval/<method>_<split>_predictions
+    .jsonl, categories from DIR/tasks.json): the end of training keeps only summary.json's overall scores."""
+    with open(os.path.join(workdir, TASKS_FILE), encoding="utf-8") as f:
+        categories = json.load(f).get("categories") or {}
+    out = {}
+    for method, by_label in summary.items():
+        for label in by_label:
+            path = os.path.join(workdir, "eval", f"{method}_{label}_predictions.jsonl")
+            if not os.path.isfile(path):
+                continue
+            records = [r for _, r in iter_jsonl(path)]
+            if not records or not all(isinstance(r, dict) and "references" in r for r in records):
+                continue  # rank classification records: no column (P3's per-dataset accuracies are the table)
+            cats = [categories.get(r.get("task_name")) for r in records]
+            if any(c is None for c in cats):
+                continue  # tasks without a category
+            scored = metrics_lib.sni_metrics([r["prediction"] for r in records], [r["references"] for r in records],
+                                             categories=cats)
+            out[category_column(method, benchmark, label)] = {
+                c: {"rougeL": float(g["rougeL"]), "exact_match": float(g["exact_match"])}
+                for c, g in sorted(scored["per_category"].items())}
+    return out
+
+
+def format_per_category(table: Mapping[str, Mapping[str, Mapping]]) -> str:
+    """A Markdown table: one row per category, one "ROUGE-L / EM" column per method and split."""
+    columns = sorted(table)  # as per_category.json keeps them (write_json sorts keys)
+    categories = sorted({c for col in table.values() for c in col})
+    lines = ["| category | " + " | ".join(f"{c} ROUGE-L / EM" for c in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for cat in categories:
+        cells = []
+        for col in columns:
+            g = table[col].get(cat)
+            cells.append(f"{g['rougeL']:.1f} / {g['exact_match']:.1f}" if g else "-")
+        lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_per_category(workdir: str, table: Mapping[str, Mapping]) -> tuple[str, str] | None:
+    """Merge `table`'s columns into DIR/eval/per_category.json (columns of other methods and benchmarks already
+    there are kept) and write the whole table as per_category.md; None when there is nothing to write."""
+    path = os.path.join(workdir, "eval", PER_CATEGORY + ".json")
+    merged: dict = {}
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                merged = json.load(f)
+        except json.JSONDecodeError:  # kept aside, not overwritten; the table restarts from this evaluation
+            os.replace(path, path + ".damaged")
+            merged = {}
+    merged.update(table)
+    if not merged:
+        return None
+    write_json(path, merged)
+    md = os.path.join(workdir, "eval", PER_CATEGORY + ".md")
+    with open(md, "w", encoding="utf-8") as f:
+        f.write(format_per_category(merged) + "\n")
+    return path, md
+
+
+def write_category_table(workdir: str, results: Mapping[str, Mapping], benchmark: str, *,
+                         from_predictions: bool = False, print_fn=print) -> str | None:
+    """Build the per-category table (from `run_evaluation` metrics, or re-scored from the predictions a pipeline
+    run wrote when `from_predictions`; `results` is then summary.json's {method: {split: ...}}), merge it into
+    DIR/eval/per_category.{json,md} and print it. A table that cannot be built is one warning line: the scores
+    it would regroup are already on disk."""
+    try:
+        table = (per_category_from_predictions(workdir, results, benchmark) if from_predictions
+                 else per_category_from_metrics(results, benchmark))
+        if not table:
+            return None
+        paths = write_per_category(workdir, table)
+    except (OSError, ValueError, KeyError) as e:
+        print_fn(f"warning: per-category table not written: {e}")
+        return None
+    print_fn("\nper category (ROUGE-L / EM):\n" + format_per_category(table) + f"\n(table: {paths[1]})")
+    return paths[1]
