@@ -1,0 +1,60 @@
+"""The README's fit table: every paper config on the slices it is meant for, compiled ahead of time.
+
+    python bench/fit_table.py [--only=sni_t5_lm.py:base@v5e-8,...] [--stage=finetune]
+
+Runs `launch/compile.py` once per (config, slice) and prints one markdown row per compiled program: GiB per chip
+(total against HBM), whether it fits in 90%, TFLOP per chip per step and the roofline step time. Each program
+of XL / XXL takes minutes to compile on a small CPU machine; `--only` and `--stage` cut the matrix down.
+Exits 1 when any program does not fit.
+"""
+import argparse
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The slices issue 12 asks each size to fit (v5e, and the v4 alternative).
+MATRIX = [(f"{name}:{size}", slice_) for name in ("sni_t5_lm.py", "p3_t0.py")
+          for size, slices in (("base", ("v5e-8",)), ("xl", ("v5e-32", "v4-16")), ("xxl", ("v5e-256", "v4-128")))
+          for slice_ in slices]
+
+
+def rows(config: str, topology: str, stage: str) -> tuple[list[str], int]:
+    cmd = [sys.executable, os.path.join(REPO, "launch", "compile.py"), f"--config={REPO}/configs/{config}",
+           f"--topology={topology}"] + ([f"--stage={stage}"] if stage else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    table = []
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 12 and parts[-1].endswith("s") and parts[-2].endswith("ms"):
+            stage_name, program = parts[0], " ".join(parts[1:-10])
+            total, hbm, fits, tflop, roofline = parts[-6], parts[-5], parts[-4], parts[-3], parts[-2]
+            table.append(f"| {config} | {topology} | {stage_name} | {program} | {total} / {hbm} | {fits} | "
+                         f"{tflop} | {roofline} |")
+    if out.returncode not in (0, 1) or not table:
+        err = out.stderr.strip().splitlines()
+        table.append(f"| {config} | {topology} | - | - | - | error: {err[-1] if err else out.returncode} | - | - |")
+    return table, out.returncode
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated config@slice pairs, e.g. sni_t5_lm.py:xl@v5e-32")
+    parser.add_argument("--stage", default="", help="comma-separated stages (default: every stage)")
+    args = parser.parse_args()
+    matrix = [tuple(p.split("@", 1)) for p in args.only.split(",") if p] if args.only else MATRIX
+    if any(len(p) != 2 for p in matrix):
+        print("error: --only takes config@slice pairs, e.g. sni_t5_lm.py:xl@v5e-32", file=sys.stderr)
+        return 2
+    print("| config | slice | stage | program | GiB per chip (total / HBM) | fits (90%) | TFLOP per chip | roofline |")
+    print("|---|---|---|---|---|---|---|---|")
+    status = 0
+    for config, topology in matrix:
+        table, code = rows(config, topology, args.stage)
+        print("\n".join(table), flush=True)
+        status = max(status, 1 if code else 0)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
