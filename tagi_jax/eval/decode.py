@@ -1,6 +1,10 @@
 """Batched, compiled T5 calls over an adapter table: tokenisation (host side), the cache of compiled functions
 (one per function, static settings and argument shapes; compile time measured apart), and greedy/beam decoding
-and teacher-forced scoring of example batches that may mix tasks (each row gathers its own adapter)."""
+and teacher-forced scoring of example batches that may mix tasks (each row gathers its own adapter).
+
+With "prepend" fusion the decoder cross-attends to the task's encoded instruction, whose keys/values are the
+same for every instance of the task: they are projected once per task of the table (`_table_kv`, trimmed
+to the table's longest instruction) and each row gathers its task's, instead of projecting them per instance."""
 from __future__ import annotations
 
 import functools
@@ -111,21 +115,97 @@ def _gather(table, rows):
     return adapters, states, mask
 
 
-def _predict_fn(t5_params, table, rows, encoder_tokens, *, t5_config, fusion, max_decode_len, beam_size, alpha,
-                length_penalty_style, eos_id, decoder_start_token_id):
+# Device memory the per-task instruction keys/values may take at once; a larger table is processed in groups
+# of tasks (each group's keys/values computed once, its examples decoded, then released).
+KV_TABLE_BYTES = 1 << 30
+
+
+def _table_kv_fn(t5_params, table, *, t5_config):
+    """Every decoder layer's cross-attention (k, v) of each task's instruction, [tasks, heads, n, d_kv]."""
+    layers = predict_lib.project_cross_kv(T5(t5_config), t5_params, table["states"], table["adapters"])
+    return {"layers": layers, "mask": table["mask"]}
+
+
+def instruction_length(mask: np.ndarray) -> int:
+    """Positions to keep of the padded instructions: the longest one, rounded up to a multiple of 8 (the
+    rest is padding for every task, masked: dropping it changes nothing but the work)."""
+    real = np.asarray(mask).any(axis=0).nonzero()[0]
+    keep = int(real[-1]) + 1 if len(real) else 1
+    return min(mask.shape[1], -(-keep // 8) * 8)
+
+
+def _kv_groups(table, t5_config, fusion: str, rows: np.ndarray) -> list[tuple[int, int]] | None:
+    """(first, end) table rows per group whose instruction keys/values fit KV_TABLE_BYTES; None: no
+    per-task keys/values (no "prepend" fusion, or no table)."""
+    if fusion != "prepend" or table is None or "states" not in table:
+        return None
+    used = int(np.max(rows)) + 1 if len(rows) else 1
+    n = instruction_length(table["mask"])
+    per_task = (2 * t5_config.num_decoder_layers * t5_config.inner_dim * n
+                * np.dtype(t5_config.jnp_dtype).itemsize)
+    size = max(1, min(used, KV_TABLE_BYTES // per_task))
+    return [(g, min(g + size, used)) for g in range(0, used, size)]
+
+
+def _table_kv(t5_params, table, group: tuple[int, int], t5_config, length: int) -> tuple[dict, float, float]:
+    """(the group's per-task keys/values on the device, seconds, compile seconds); rows padded to a power of
+    two >= 8 (repeating the last), as `AdapterTable.device_tree` pads the table."""
+    first, end = group
+    size = max(8, 1 << max(0, end - first - 1).bit_length())
+    take = lambda x: pad_rows(np.asarray(x)[first:end], size)
+    sub = {"adapters": {t: {"A": take(e["A"]), "B": take(e["B"]), "scale": e["scale"]}
+                        for t, e in table["adapters"].items()},
+           "states": take(table["states"])[:, :length], "mask": take(table["mask"])[:, :length]}
+    fn, compile_seconds = compiled(_table_kv_fn, {"t5_config": t5_config}, (t5_params, sub))
+    t0 = time.perf_counter()
+    kv = jax.block_until_ready(fn(t5_params, sub))
+    return kv, time.perf_counter() - t0, compile_seconds
+
+
+def _fusion_inputs(fusion, states, mask, kv, kv_rows) -> dict:
+    """T5 fusion keyword arguments: each row's task keys/values when precomputed, else `fusion_kwargs`."""
+    if kv is None:
+        return fusion_kwargs(fusion, states, mask)
+    return {"extra_encoder_kv": tuple((k[kv_rows], v[kv_rows]) for k, v in kv["layers"]),
+            "extra_encoder_mask": kv["mask"][kv_rows]}
+
+
+def _predict_fn(t5_params, table, kv, rows, kv_rows, encoder_tokens, *, t5_config, fusion, max_decode_len,
+                beam_size, alpha, length_penalty_style, eos_id, decoder_start_token_id):
     adapters, states, mask = _gather(table, rows)
     tokens, _ = predict_lib.predict(
         T5(t5_config), t5_params, encoder_tokens, adapters=adapters, max_decode_len=max_decode_len,
         beam_size=beam_size, alpha=alpha, eos_id=eos_id, decoder_start_token_id=decoder_start_token_id,
-        length_penalty_style=length_penalty_style, **fusion_kwargs(fusion, states, mask))
+        length_penalty_style=length_penalty_style, **_fusion_inputs(fusion, states, mask, kv, kv_rows))
     return tokens
 
 
-def _score_fn(t5_params, table, rows, encoder_tokens, decoder_inputs, decoder_targets, *, t5_config, fusion):
+def _score_fn(t5_params, table, kv, rows, kv_rows, encoder_tokens, decoder_inputs, decoder_targets, *, t5_config,
+              fusion):
     adapters, states, mask = _gather(table, rows)
     s = predict_lib.score_targets(T5(t5_config), t5_params, encoder_tokens, decoder_inputs, decoder_targets,
-                                  adapters=adapters, **fusion_kwargs(fusion, states, mask))
+                                  adapters=adapters, **_fusion_inputs(fusion, states, mask, kv, kv_rows))
     return s.sum, s.mean
+
+
+def _batches(table, t5_params, t5_config, fusion, rows: np.ndarray, bs: int):
+    """(example indices, per-task keys/values or None, their rows, kv seconds, kv compile seconds) per batch:
+    the examples in order, group by group of tasks when the keys/values are per task (`_kv_groups`)."""
+    groups = _kv_groups(table, t5_config, fusion, rows)
+    if groups is None:
+        for start in range(0, len(rows), bs):
+            idx = np.arange(start, min(start + bs, len(rows)))
+            yield idx, None, rows[idx], 0.0, 0.0
+        return
+    length = instruction_length(table["mask"])
+    for first, end in groups:
+        members = np.nonzero((rows >= first) & (rows < end))[0]
+        if not len(members):
+            continue
+        kv, seconds, compile_seconds = _table_kv(t5_params, table, (first, end), t5_config, length)
+        for start in range(0, len(members), bs):
+            idx = members[start:start + bs]
+            yield idx, kv, rows[idx] - first, seconds if start == 0 else 0.0, compile_seconds if start == 0 else 0.0
 
 
 def decode_tokens(model, params, table_tree, rows, encoder_tokens, *, vocab, batch_size: int,
@@ -145,18 +225,19 @@ def decode_tokens(model, params, table_tree, rows, encoder_tokens, *, vocab, bat
                   eos_id=int(vocab.eos_id), decoder_start_token_id=int(t5_config.decoder_start_token_id))
     t5_params = params["t5"]
     bs = bucket(n_total, batch_size)
-    out, seconds, compile_seconds = [], 0.0, 0.0
-    for start in range(0, n_total, bs):
-        n = min(bs, n_total - start)
-        args = (t5_params, table_tree, pad_rows(rows[start:start + n], bs),
-                pad_rows(encoder_tokens[start:start + n], bs))
+    out = np.zeros((n_total, int(max_decode_len)), np.int32)
+    seconds = compile_seconds = 0.0
+    for idx, kv, kv_rows, kv_s, kv_c in _batches(table_tree, t5_params, t5_config, static["fusion"], rows, bs):
+        n = len(idx)
+        args = (t5_params, table_tree, kv, pad_rows(rows[idx], bs), pad_rows(kv_rows, bs),
+                pad_rows(encoder_tokens[idx], bs))
         fn, c = compiled(_predict_fn, static, args)
-        compile_seconds += c
+        compile_seconds += c + kv_c
         t0 = time.perf_counter()
         tokens = np.asarray(jax.device_get(fn(*args)))
-        seconds += time.perf_counter() - t0
-        out.append(tokens[:n])
-    return np.concatenate(out), seconds, compile_seconds
+        seconds += time.perf_counter() - t0 + kv_s
+        out[idx] = tokens[:n]
+    return out, seconds, compile_seconds
 
 
 def score_tokens(model, params, table_tree, rows, encoder_tokens, decoder_inputs, decoder_targets, *,
@@ -172,16 +253,17 @@ def score_tokens(model, params, table_tree, rows, encoder_tokens, decoder_inputs
     total = np.zeros(n_total, np.float64)
     mean = np.zeros(n_total, np.float64)
     seconds = compile_seconds = 0.0
-    for start in range(0, n_total, bs):
-        n = min(bs, n_total - start)
-        sl = slice(start, start + n)
-        args = (t5_params, table_tree, pad_rows(rows[sl], bs), pad_rows(encoder_tokens[sl], bs),
-                pad_rows(decoder_inputs[sl], bs), pad_rows(decoder_targets[sl], bs))
-        fn, c = compiled(_score_fn, {"t5_config": model.config.t5, "fusion": model_fusion(model)}, args)
-        compile_seconds += c
+    static = {"t5_config": model.config.t5, "fusion": model_fusion(model)}
+    for idx, kv, kv_rows, kv_s, kv_c in _batches(table_tree, t5_params, model.config.t5, static["fusion"], rows, bs):
+        n = len(idx)
+        args = (t5_params, table_tree, kv, pad_rows(rows[idx], bs), pad_rows(kv_rows, bs),
+                pad_rows(encoder_tokens[idx], bs), pad_rows(decoder_inputs[idx], bs),
+                pad_rows(decoder_targets[idx], bs))
+        fn, c = compiled(_score_fn, static, args)
+        compile_seconds += c + kv_c
         t0 = time.perf_counter()
         s, m = jax.device_get(fn(*args))
-        seconds += time.perf_counter() - t0
-        total[sl] = np.asarray(s)[:n]
-        mean[sl] = np.asarray(m)[:n]
+        seconds += time.perf_counter() - t0 + kv_s
+        total[idx] = np.asarray(s)[:n]
+        mean[idx] = np.asarray(m)[:n]
     return total, mean, seconds, compile_seconds

@@ -149,40 +149,92 @@ class Dense(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """T5 attention (no 1/sqrt(d_kv) scaling), optional relative bias, optional T5X decode cache."""
+    """T5 attention (no 1/sqrt(d_kv) scaling), optional relative bias, optional T5X decode cache.
+
+    Keys/values may also come precomputed (cross-attention): `kv_parts` is a sequence of ``(k, v, mask)``
+    with k, v ``[b or 1, heads, n, d_kv]`` (heads-major, the layout the attention products read; batch 1 is
+    shared by every row) and mask ``[b or 1, 1, 1, n]``; they are attended to first, then the projection of
+    `inputs_kv` (omitted when `inputs_kv` is None). Because the projections are row-wise, attending to parts
+    computes exactly what attending to their concatenation does (one softmax over all keys).
+    `project_kv_only=True` returns ``(k, v)`` of `inputs_kv` in that layout instead (what a part is made of).
+    """
 
     config: T5Config
     zero_output: bool = False  # output projection initialised to zero (a new sub-block that starts as a no-op)
 
     @nn.compact
-    def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array], bias: Optional[Array], *,
-                 factors: LayerFactors, deterministic: bool, decode: bool = False,
-                 cache_length: Optional[int] = None) -> Array:
+    def __call__(self, inputs_q: Optional[Array], inputs_kv: Optional[Array], mask: Optional[Array],
+                 bias: Optional[Array], *, factors: LayerFactors, deterministic: bool, decode: bool = False,
+                 cache_length: Optional[int] = None, kv_parts: tuple = (),
+                 project_kv_only: bool = False):
         cfg = self.config
         h, dkv, inner = cfg.num_heads, cfg.d_kv, cfg.inner_dim
         # T5 folds 1/sqrt(d_kv) into the query initialisation instead of the attention logits.
         query_init = nn.initializers.variance_scaling(1.0 / dkv, "fan_in", "normal")
         dense = functools.partial(Dense, cfg, inner, ("embed", "joined_kv"))
-        q = dense(kernel_init=query_init, name="query")(inputs_q, factors.get("q"))
-        k = dense(name="key")(inputs_kv, factors.get("k"))
-        v = dense(name="value")(inputs_kv, factors.get("v"))
         split = lambda x: constrain(x.reshape(x.shape[:2] + (h, dkv)), ("batch", "length", "heads", "kv"))
-        q, k, v = split(q), split(k), split(v)
+        if project_kv_only:
+            k = split(dense(name="key")(inputs_kv, factors.get("k")))
+            v = split(dense(name="value")(inputs_kv, factors.get("v")))
+            heads_major = lambda x: constrain(jnp.swapaxes(x, 1, 2), ("batch", "heads", "length", "kv"))
+            return heads_major(k), heads_major(v)
+        q = split(dense(kernel_init=query_init, name="query")(inputs_q, factors.get("q")))
+        if kv_parts:
+            parts = list(kv_parts)
+            if inputs_kv is not None:
+                k = split(dense(name="key")(inputs_kv, factors.get("k")))
+                v = split(dense(name="value")(inputs_kv, factors.get("v")))
+                parts.append((jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask))
+            out = self._attend_parts(q, parts, bias, deterministic)
+        else:
+            k = split(dense(name="key")(inputs_kv, factors.get("k")))
+            v = split(dense(name="value")(inputs_kv, factors.get("v")))
+            if decode:
+                k, v, mask = self._update_cache(q, k, v, mask, cache_length)
 
-        if decode:
-            k, v, mask = self._update_cache(q, k, v, mask, cache_length)
-
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        if bias is not None:
-            logits = logits + jnp.asarray(bias, jnp.float32)
-        if mask is not None:
-            logits = jnp.where(mask, logits, _NEG_INF)
-        weights = jax.nn.softmax(logits, axis=-1).astype(cfg.jnp_dtype)
-        weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            if bias is not None:
+                logits = logits + jnp.asarray(bias, jnp.float32)
+            if mask is not None:
+                logits = jnp.where(mask, logits, _NEG_INF)
+            weights = jax.nn.softmax(logits, axis=-1).astype(cfg.jnp_dtype)
+            weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         out = constrain(out, ("batch", "length", "heads", "kv")).reshape(out.shape[:2] + (inner,))
         out_init = {"kernel_init": nn.initializers.zeros_init()} if self.zero_output else {}
         return Dense(cfg, cfg.d_model, ("joined_kv", "embed"), name="out", **out_init)(out, factors.get("o"))
+
+    def _attend_parts(self, q, parts, bias, deterministic):
+        """One softmax over the keys of every part (shared parts broadcast over the batch); [b, q, h, d]."""
+        cfg = self.config
+        batch = q.shape[0]
+        shared = lambda x: x.shape[0] == 1 and batch != 1
+        logits, masks = [], []
+        for k, v, m in parts:
+            k = jnp.asarray(k, cfg.jnp_dtype)
+            if shared(k):
+                logits.append(jnp.einsum("bqhd,hkd->bhqk", q, k[0], preferred_element_type=jnp.float32))
+            else:
+                logits.append(jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32))
+            n = k.shape[2]
+            m = jnp.ones((batch, 1, 1, n), jnp.bool_) if m is None else m
+            masks.append(jnp.broadcast_to(m, (batch, 1, 1, n)))
+        logits = jnp.concatenate(logits, axis=-1)
+        if bias is not None:
+            logits = logits + jnp.asarray(bias, jnp.float32)
+        logits = jnp.where(jnp.concatenate(masks, axis=-1), logits, _NEG_INF)
+        weights = jax.nn.softmax(logits, axis=-1).astype(cfg.jnp_dtype)
+        weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
+        out, start = None, 0
+        for k, v, _ in parts:
+            n = k.shape[2]
+            w = weights[..., start:start + n]
+            v = jnp.asarray(v, cfg.jnp_dtype)
+            part = (jnp.einsum("bhqk,hkd->bqhd", w, v[0]) if shared(v)
+                    else jnp.einsum("bhqk,bhkd->bqhd", w, v))
+            out = part if out is None else out + part
+            start += n
+        return out
 
     def _update_cache(self, q, k, v, mask, cache_length):
         """T5X decode cache: allocate on the first (full-length) call, then write one position per call."""

@@ -3,7 +3,7 @@
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -51,16 +51,20 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, encoded, bias, self_mask, cross_mask, self_factors, cross_factors, ffn_factors,
-                 deterministic, decode, cache_length):
+                 deterministic, decode, cache_length, cross_kv_parts=(), project_cross_kv_only=False):
         cfg = self.config
+        cross = MultiHeadAttention(cfg, name="encoder_decoder_attention")
+        if project_cross_kv_only:  # only this layer's cross-attention keys/values of `encoded`
+            return cross(None, encoded, None, None, factors=cross_factors, deterministic=True,
+                         project_kv_only=True)
         h = LayerNorm(cfg, name="pre_self_attention_layer_norm")(x)
         h = MultiHeadAttention(cfg, name="self_attention")(
             h, h, self_mask, bias, factors=self_factors, deterministic=deterministic, decode=decode,
             cache_length=cache_length)
         x = x + residual_dropout(cfg, h, deterministic)
         h = LayerNorm(cfg, name="pre_cross_attention_layer_norm")(x)
-        h = MultiHeadAttention(cfg, name="encoder_decoder_attention")(
-            h, encoded, cross_mask, None, factors=cross_factors, deterministic=deterministic)
+        h = cross(h, encoded, cross_mask, None, factors=cross_factors, deterministic=deterministic,
+                  kv_parts=cross_kv_parts)
         x = x + residual_dropout(cfg, h, deterministic)
         h = LayerNorm(cfg, name="pre_mlp_layer_norm")(x)
         h = MlpBlock(cfg, name="mlp")(h, factors=ffn_factors, deterministic=deterministic)
@@ -85,6 +89,31 @@ def rematerialised(layer_cls, cfg: T5Config, static_argnums: tuple[int, ...]):
         return layer_cls
     policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[cfg.remat_policy])
     return nn.remat(layer_cls, policy=policy, static_argnums=static_argnums, prevent_cse=True)
+
+
+class CrossKV(NamedTuple):
+    """Precomputed cross-attention keys/values (`T5.project_cross_kv`), one ``(k, v)`` per decoder layer, each
+    ``[b or 1, heads, n, d_kv]`` (heads-major; batch 1 is shared by every row).
+
+    * ``prefix`` (+ ``prefix_mask`` [b or 1, n]): the prepended instruction states' ("prepend" fusion). The
+      same for every instance of a task, so computed once per task instead of once per instance;
+    * ``memory``: the encoder output's (computed once before a decoding loop; `encoded` is then not read).
+    """
+
+    prefix: Optional[tuple] = None
+    prefix_mask: Optional[Array] = None
+    memory: Optional[tuple] = None
+
+    def parts(self, layer: int, memory_mask: Optional[Array]) -> tuple:
+        """`MultiHeadAttention` kv_parts of one layer (prefix first, then the memory)."""
+        out = []
+        if self.prefix is not None:
+            mask = self.prefix_mask
+            mask = None if mask is None else jnp.asarray(mask, jnp.bool_)[:, None, None, :]
+            out.append((*self.prefix[layer], mask))
+        if self.memory is not None:
+            out.append((*self.memory[layer], memory_mask))
+        return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -122,14 +151,22 @@ class Decoder(nn.Module):
     shared_embedding: nn.Module
 
     @nn.compact
-    def __call__(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array,
+    def __call__(self, encoded: Optional[Array], encoder_mask: Optional[Array], decoder_input_tokens: Optional[Array],
                  decoder_target_tokens: Optional[Array], *, adapters, deterministic: bool, decode: bool,
-                 max_decode_length: Optional[int]) -> Array:
+                 max_decode_length: Optional[int], cross_kv: Optional[CrossKV] = None,
+                 project_cross_kv_only: bool = False) -> Array:
+        """Logits; `cross_kv` (`CrossKV`) are precomputed cross-attention keys/values attended to before (or,
+        with `encoded` None, instead of) those of `encoded`. `project_cross_kv_only`: per layer ``(k, v)`` of
+        `encoded` instead (`CrossKV.layers`)."""
         cfg = self.config
+        if project_cross_kv_only:
+            return tuple(DecoderLayer(cfg, name=f"layers_{i}")(
+                None, encoded, None, None, None, {}, lora.block_factors(adapters, "decoder_cross", i), {}, True,
+                False, None, project_cross_kv_only=True) for i in range(cfg.num_decoder_layers))
         batch, length = decoder_input_tokens.shape
         relpos = RelativePositionBiases(cfg, bidirectional=False, name="relpos_bias")
         step_cache = self._step_cache() if decode else None
-        cross_mask = encoder_mask[:, None, None, :]
+        cross_mask = None if encoder_mask is None else encoder_mask[:, None, None, :]
         cache_length = None
         if step_cache is not None:  # one-token decode step
             cache_length = step_cache["cached_key"].shape[1]
@@ -151,10 +188,11 @@ class Decoder(nn.Module):
         # The one-token decode step keeps no activations for a backward pass: nothing to rematerialise.
         layer = DecoderLayer if decode else rematerialised(DecoderLayer, cfg, static_argnums=(9, 10, 11))
         for i in range(cfg.num_decoder_layers):
+            parts = () if cross_kv is None else cross_kv.parts(i, cross_mask)
             x = layer(cfg, name=f"layers_{i}")(
                 x, encoded, bias, self_mask, cross_mask, lora.block_factors(adapters, "decoder_self", i),
                 lora.block_factors(adapters, "decoder_cross", i), lora.block_factors(adapters, "decoder_ffn", i),
-                deterministic, decode, cache_length)
+                deterministic, decode, cache_length, *((parts,) if parts else ()))
         x = LayerNorm(cfg, name="decoder_norm")(x)
         x = residual_dropout(cfg, x, deterministic)
 
@@ -219,10 +257,13 @@ class T5(nn.Module):
     2. Each later call feeds one token per row, ``decoder_input_tokens`` [b, 1], with the cache passed in and
        mutable: the token's key/value are written at ``cache_index``, it attends to positions <= cache_index,
        its relative-position bias is the row of the current position, and ``cache_index`` increments.
-       ``decoder_target_tokens`` is ignored in decode mode. Cross-attention is recomputed from ``encoded``
-       each step (nothing encoder-side is cached, so the cache can be initialised with dummy inputs and
-       only its batch-major leaves need repeating/gathering for beams).
-    Compute ``encoded = apply(..., method=T5.encode)`` once and pass it to every step.
+       ``decoder_target_tokens`` is ignored in decode mode. Nothing encoder-side is in the cache (it can be
+       initialised with dummy inputs and only its batch-major leaves need repeating/gathering for beams).
+    Compute ``encoded = apply(..., method=T5.encode)`` once, and its cross-attention keys/values
+    ``apply(..., method=T5.project_cross_kv)`` once (heads-major, as the attention products read them), and
+    pass them to every step as ``cross_kv=CrossKV(memory=...)`` (`tagi_jax.models.predict` does). The
+    "prepend" instruction's keys/values, the same for every instance of a task, go in ``CrossKV.prefix``:
+    computed once per task, not once per instance.
 
     Pure: no jit, no hidden state.
     """
@@ -245,25 +286,40 @@ class T5(nn.Module):
         return self.encoder(encoder_input_tokens, adapters=adapters, deterministic=not enable_dropout,
                             fusion_states=encoder_fusion_states, fusion_mask=encoder_fusion_mask)
 
-    def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+    def decode(self, encoded: Optional[Array], encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Optional[Array] = None, *, adapters: lora.Adapters | None = None,
                extra_encoder_states: Optional[Array] = None, extra_encoder_mask: Optional[Array] = None,
-               enable_dropout: bool = False, decode: bool = False,
+               cross_kv: Optional[CrossKV] = None, enable_dropout: bool = False, decode: bool = False,
                max_decode_length: Optional[int] = None) -> Array:
-        """Logits [batch, tlen, vocab] given the encoder output (and optional fused states in front of it)."""
+        """Logits [batch, tlen, vocab] given the encoder output (and optional fused states in front of it).
+
+        `cross_kv` replaces projections by precomputed keys/values: ``prefix`` those of `extra_encoder_states`
+        (which must then be None), ``memory`` those of `encoded` (which may then be None)."""
         cfg = self.config
+        batch = encoder_input_tokens.shape[0]
         lora.check_adapters(cfg, adapters, batch=decoder_input_tokens.shape[0])
-        memory = jnp.asarray(encoded, cfg.jnp_dtype)
         memory_mask = encoder_input_tokens > 0
-        extra_encoder_mask = _check_states("extra_encoder", cfg, extra_encoder_states, extra_encoder_mask,
-                                           memory.shape[0])
-        if extra_encoder_states is not None:
-            memory = jnp.concatenate([jnp.asarray(extra_encoder_states, cfg.jnp_dtype), memory], axis=1)
-            memory_mask = jnp.concatenate([extra_encoder_mask, memory_mask], axis=1)
-        memory = constrain(memory, ("batch", "length", "embed"))
+        if cross_kv is not None:
+            cross_kv = _check_cross_kv(cfg, cross_kv, extra_encoder_states, batch)
+        extra_encoder_mask = _check_states("extra_encoder", cfg, extra_encoder_states, extra_encoder_mask, batch)
+        memory = None
+        if cross_kv is None or cross_kv.memory is None:
+            memory = jnp.asarray(encoded, cfg.jnp_dtype)
+            if extra_encoder_states is not None:
+                memory = jnp.concatenate([jnp.asarray(extra_encoder_states, cfg.jnp_dtype), memory], axis=1)
+                memory_mask = jnp.concatenate([extra_encoder_mask, memory_mask], axis=1)
+            memory = constrain(memory, ("batch", "length", "embed"))
         return self.decoder(memory, memory_mask, decoder_input_tokens, decoder_target_tokens, adapters=adapters,
                             deterministic=not enable_dropout or decode, decode=decode,
-                            max_decode_length=max_decode_length)
+                            max_decode_length=max_decode_length, cross_kv=cross_kv)
+
+    def project_cross_kv(self, states: Array, *, adapters: lora.Adapters | None = None) -> tuple:
+        """Every decoder layer's cross-attention ``(k, v)`` of `states` [b, n, d_model] (with the adapters'
+        decoder_cross k/v factors, if any): ``[b, heads, n, d_kv]`` each, for a `CrossKV`."""
+        lora.check_adapters(self.config, adapters, batch=states.shape[0])
+        states = constrain(jnp.asarray(states, self.config.jnp_dtype), ("batch", "length", "embed"))
+        return self.decoder(states, None, None, None, adapters=adapters, deterministic=True, decode=False,
+                            max_decode_length=None, project_cross_kv_only=True)
 
     def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                  decoder_target_tokens: Optional[Array] = None, *, enable_dropout: bool = False,
@@ -278,6 +334,35 @@ class T5(nn.Module):
                            adapters=adapters, extra_encoder_states=extra_encoder_states,
                            extra_encoder_mask=extra_encoder_mask, enable_dropout=enable_dropout, decode=decode,
                            max_decode_length=max_decode_length)
+
+
+def _check_cross_kv(cfg: T5Config, kv: CrossKV, extra_states: Optional[Array], batch: int) -> CrossKV:
+    """Shape-check a `CrossKV` against the config and the batch; returns it with a bool prefix mask."""
+    if kv.prefix is not None and extra_states is not None:
+        raise ValueError("decode: give the instruction either as extra_encoder_states or as cross_kv.prefix, "
+                         "not both")
+    if kv.memory is not None and extra_states is not None:
+        raise ValueError("decode: with cross_kv.memory (the encoder output's keys/values) the fused states must "
+                         "come as cross_kv.prefix too, not as extra_encoder_states")
+    mask = kv.prefix_mask
+    for name, layers in (("prefix", kv.prefix), ("memory", kv.memory)):
+        if layers is None:
+            continue
+        if len(layers) != cfg.num_decoder_layers:
+            raise ValueError(f"cross_kv.{name}: {len(layers)} layers, expected {cfg.num_decoder_layers}")
+        for k, v in layers:
+            want = (cfg.num_heads, k.shape[2], cfg.d_kv)
+            if k.ndim != 4 or k.shape != v.shape or k.shape[1:] != want or k.shape[0] not in (1, batch):
+                raise ValueError(f"cross_kv.{name}: k {k.shape} / v {v.shape}, expected [{batch} or 1, "
+                                 f"{cfg.num_heads}, n, {cfg.d_kv}]")
+        if name == "prefix":
+            n, rows = layers[0][0].shape[2], layers[0][0].shape[0]
+            if mask is None:
+                mask = jnp.ones((rows, n), jnp.bool_)
+            if mask.ndim != 2 or mask.shape[1] != n or mask.shape[0] not in (1, batch):
+                raise ValueError(f"cross_kv.prefix_mask: shape {mask.shape}, expected [{batch} or 1, {n}]")
+            mask = mask.astype(jnp.bool_)
+    return kv._replace(prefix_mask=mask)
 
 
 def _check_states(name: str, cfg: T5Config, states: Optional[Array], mask: Optional[Array],
