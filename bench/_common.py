@@ -184,8 +184,8 @@ def decoder_flops(cfg: T5Config, target_len: int, memory_len: int) -> dict[str, 
 
     Also the cost of `target_len` cached greedy steps: each step's self-attention reads the whole cache
     (masked), i.e. target_len x target_len in total as in the teacher-forced pass, and the cross-attention
-    keys/values of the (loop-invariant) memory are computed once per sequence: XLA hoists them out of the
-    decoding loop (checked on the compiled HLO of `tagi_jax.models.predict.predict`). Returns the parts
+    keys/values of the (loop-invariant) memory are computed once per sequence: `tagi_jax.models.predict.predict`
+    projects them before the decoding loop (`T5.project_cross_kv`). Returns the parts
     {"self", "cross_q_attn_o", "cross_kv", "mlp", "logits"} (summed over layers).
     """
     d, inner, f, layers = cfg.d_model, cfg.inner_dim, cfg.d_ff, cfg.num_decoder_layers

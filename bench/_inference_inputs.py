@@ -80,6 +80,7 @@ class Settings(C.ModelSettings):
     hyper_hidden: int = 512
     hyper_embed: int = 128
     fusion: str = "prepend"         # "prepend" | "none"
+    fusion_kv: str = "task"         # the instruction's cross-attention keys/values: once per "task" | "instance"
     adapter: str = "merged"         # "merged" | "factorised"
     mode: str = "score"             # "score" | "greedy"
     decode_len: int = 128           # greedy steps
@@ -89,8 +90,8 @@ class Settings(C.ModelSettings):
     seed: int = 0
 
     def __post_init__(self):
-        for key, allowed in (("fusion", ("prepend", "none")), ("adapter", ("merged", "factorised")),
-                             ("mode", ("score", "greedy"))):
+        for key, allowed in (("fusion", ("prepend", "none")), ("fusion_kv", ("task", "instance")),
+                             ("adapter", ("merged", "factorised")), ("mode", ("score", "greedy"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"--{key}: {getattr(self, key)!r} is not one of {allowed}")
         for key in ("batch_size", "buckets_per_octave", "decode_len"):

@@ -6,7 +6,10 @@ For every task of 100 instances, the same T5 runs two ways:
   and turned into a LoRA adapter by the hypernetwork (`tagi_jax.models.tagi.generate_adapters`); the adapter
   is folded into the kernels once (`lora.merge_adapter`, the single-task fast path; `--adapter=factorised`
   keeps it factorised instead) and every instance is then encoded alone (`inputs`), the decoder
-  cross-attending to the instance plus, with `--fusion=prepend`, the encoded instruction;
+  cross-attending to the instance plus, with `--fusion=prepend`, the encoded instruction, whose
+  cross-attention keys/values are projected once per task (`predict.project_cross_kv`, batch 1, padding
+  trimmed as the evaluator's per-task table does) and shared by every instance (`--fusion_kv=instance`:
+  projected again for every instance, as before);
 * concatenation (Tk-Instruct / T0): every instance carries the whole instruction (`full_inputs`).
 
 Reported per task and per suite: (1) FLOPs, counted analytically from the padded shapes (`bench/_common.py`)
@@ -49,6 +52,7 @@ import numpy as np  # noqa: E402
 
 from bench._inference_inputs import (Batch, Prepared, Settings, TaskTexts, prepare,  # noqa: E402
                                      sni_tasks, synthetic_tasks)
+from tagi_jax.eval.decode import instruction_length  # noqa: E402
 from tagi_jax.models import lora  # noqa: E402
 from tagi_jax.models import tagi as tagi_lib  # noqa: E402
 from tagi_jax.models import predict as predict_lib  # noqa: E402
@@ -61,24 +65,34 @@ BYTES_PER_TOKEN = 4.0  # rough size of a T5 SentencePiece token in English text 
 
 # ------------------------------------------------------------------------------------------ the benchmark
 def _broadcast_rows(states, mask, rows: int):
-    """The task's instruction states [1, n, d] for every row of the batch (fusion)."""
+    """The task's instruction states [1, n, d] for every row of the batch (fusion, --fusion_kv=instance)."""
     if states is None:
         return None, None
     return (jnp.broadcast_to(states, (rows,) + states.shape[1:]),
             jnp.broadcast_to(mask, (rows,) + mask.shape[1:]))
 
 
-def _score(model, params, adapters, enc, dec_in, dec_tgt, states, mask):
-    states, mask = _broadcast_rows(states, mask, enc.shape[0])
+def _fusion(fusion: dict, rows: int) -> dict:
+    """Keyword arguments carrying the instruction (`InferenceCost._generate`'s fusion): the task's keys/values
+    (batch 1, shared by every row) as they are, or its states broadcast to every row."""
+    if "states" not in fusion:
+        return fusion
+    states, mask = _broadcast_rows(fusion["states"], fusion["mask"], rows)
+    return {"extra_encoder_states": states, "extra_encoder_mask": mask}
+
+
+def _score(model, params, adapters, enc, dec_in, dec_tgt, fusion):
     return predict_lib.score_targets(model, params, enc, dec_in, dec_tgt, adapters=adapters,
-                                  extra_encoder_states=states, extra_encoder_mask=mask).sum
+                                     **_fusion(fusion, enc.shape[0])).sum
 
 
-def _greedy(model, decode_len, params, adapters, enc, states, mask):
-    states, mask = _broadcast_rows(states, mask, enc.shape[0])
-    tokens, _ = predict_lib.predict(model, params, enc, adapters=adapters, extra_encoder_states=states,
-                                 extra_encoder_mask=mask, max_decode_len=decode_len, eos_id=-1)
+def _greedy(model, decode_len, params, adapters, enc, fusion):
+    tokens, _ = predict_lib.predict(model, params, enc, adapters=adapters, max_decode_len=decode_len, eos_id=-1,
+                                    **_fusion(fusion, enc.shape[0]))
     return tokens  # eos_id=-1: never stops early, so both paths decode exactly decode_len tokens
+
+
+NO_FUSION: dict = {}
 
 
 class InferenceCost:
@@ -98,32 +112,44 @@ class InferenceCost:
         self.compiled = C.Compiled()
         self._gen = jax.jit(functools.partial(tagi_lib.generate_adapters, self.tagi))
         self._merge = jax.jit(lora.merge_adapter)
+        self._kv = jax.jit(functools.partial(predict_lib.project_cross_kv, self.t5))
         self._score = jax.jit(functools.partial(_score, self.t5))
         self._greedy = jax.jit(functools.partial(_greedy, self.t5, s.decode_len))
 
     # --- the two paths (what is timed) -------------------------------------------------------------
-    def _run(self, params, adapters, batch: Batch, tokens, states, mask):
+    def _run(self, params, adapters, batch: Batch, tokens, fusion):
         if self.s.mode == "score":
             return self.compiled("score", self._score, params, adapters, tokens, batch.dec_in, batch.dec_tgt,
-                                 states, mask)
-        return self.compiled("greedy", self._greedy, params, adapters, tokens, states, mask)
+                                 fusion)
+        return self.compiled("greedy", self._greedy, params, adapters, tokens, fusion)
 
     def _generate(self, prep: Prepared):
+        """Once per task: (T5 params, adapters or None, fusion): the adapter generated (and merged) and, with
+        --fusion=prepend, the instruction's cross-attention keys/values projected (--fusion_kv=task)."""
         adapters, states, mask = self.compiled("generate", self._gen, self.params, prep.hyper)
-        if self.s.fusion == "none":
-            states = mask = None
+        params, run_adapters = self.params["t5"], adapters
         if self.s.adapter == "merged":
-            return self.compiled("merge", self._merge, self.params["t5"], adapters), None, states, mask
-        return self.params["t5"], adapters, states, mask
+            params, run_adapters = self.compiled("merge", self._merge, self.params["t5"], adapters), None
+        if self.s.fusion == "none":
+            return params, run_adapters, NO_FUSION
+        if self.s.fusion_kv == "instance":
+            return params, run_adapters, {"states": states, "mask": mask}
+        n = self.fusion_len(prep)
+        kv = self.compiled("fusion_kv", self._kv, params, states[:, :n], run_adapters)
+        return params, run_adapters, {"extra_encoder_kv": kv, "extra_encoder_mask": mask[:, :n]}
+
+    def fusion_len(self, prep: Prepared) -> int:
+        """Instruction positions the per-task keys/values keep (padding trimmed, as the evaluator's table)."""
+        return instruction_length(np.asarray(prep.hyper) > 0) if self.s.fusion_kv == "task" else prep.hyper.shape[1]
 
     def tagi_task(self, prep: Prepared) -> list:
-        """Adapter (and fusion states) generated once, then every batch with instance-only inputs."""
-        params, adapters, states, mask = self._generate(prep)
-        return [self._run(params, adapters, b, b.enc, states, mask) for b in prep.batches]
+        """Adapter (and fusion keys/values) generated once, then every batch with instance-only inputs."""
+        params, adapters, fusion = self._generate(prep)
+        return [self._run(params, adapters, b, b.enc, fusion) for b in prep.batches]
 
     def concat_task(self, prep: Prepared) -> list:
         """Every instance carries the instruction; no hypernetwork, no adapter."""
-        return [self._run(self.params["t5"], None, b, b.full, None, None) for b in prep.batches]
+        return [self._run(self.params["t5"], None, b, b.full, NO_FUSION) for b in prep.batches]
 
     # --- FLOPs -------------------------------------------------------------------------------------
     def _target_len(self, b: Batch) -> int:
@@ -133,31 +159,43 @@ class InferenceCost:
         """Matmul FLOPs of each path's parts for the whole task (see bench/_common.py).
 
         "tagi" and "concat" hold the parts that add up to each path's total; "notes" holds sub-parts:
-        `fusion` (what cross-attending to the instruction adds to TAGI's decoder), `fusion_kv` (its keys and
-        values, recomputed for every instance) and `fusion_kv_once` (the same computed once per task).
+        `fusion` (all that cross-attending to the instruction adds to TAGI), `fusion_kv` (its keys/values:
+        once per task, or per instance with --fusion_kv=instance) and `shared_decoder` (the decoder work both
+        paths do alike: self-attention, cross-attention queries/outputs, FFN, logits).
         `length_scale` divides every padded length (an analytic what-if, e.g. 4 for SentencePiece lengths).
         """
         cfg, s = self.t5_config, self.s
         scaled = lambda n: max(1, int(np.ceil(n / length_scale)))
         lh = scaled(prep.hyper.shape[1])
-        kv = lambda n: cfg.num_decoder_layers * 2 * 2 * n * cfg.d_model * cfg.inner_dim  # cross k, v of n states
-        tagi = {"hypernet": C.hypernet_flops(cfg, self.hyper_config, lh), "adapter": 0.0, "encoder": 0.0,
-                "decoder": 0.0}
-        concat = {"encoder": 0.0, "decoder": 0.0}
         fusion = s.fusion == "prepend"
-        notes = {"fusion": 0.0, "fusion_kv": 0.0, "fusion_kv_once": kv(lh) if fusion else 0.0}
+        lf_kv = scaled(self.fusion_len(prep)) if fusion else 0  # instruction positions the decoder attends to
+        per_task_kv = fusion and s.fusion_kv == "task"
+        targets = self.hyper_config.adapter_targets
+        kv = lambda n: cfg.num_decoder_layers * 2 * 2 * n * cfg.d_model * cfg.inner_dim  # cross k, v of n states
+        tagi = {"hypernet": C.hypernet_flops(cfg, self.hyper_config, lh), "adapter": 0.0, "instruction_kv": 0.0,
+                "encoder": 0.0, "decoder": 0.0}
+        concat = {"encoder": 0.0, "decoder": 0.0}
+        notes = {"fusion": 0.0, "fusion_kv": 0.0, "shared_decoder": 0.0}
+        if per_task_kv:  # once per task, batch 1 (with the factorised adapter's cross k/v factors, if any)
+            tagi["instruction_kv"] = kv(lf_kv) + (C.lora_flops(cfg, targets, s.rank, 0, 0, lf_kv)
+                                                  if s.adapter == "factorised" else 0)
+            notes["fusion"] += tagi["instruction_kv"]
+            notes["fusion_kv"] += tagi["instruction_kv"]
         if s.adapter == "merged":
-            tagi["adapter"] += C.merge_flops(cfg, self.hyper_config.adapter_targets, s.rank)
+            tagi["adapter"] += C.merge_flops(cfg, targets, s.rank)
         for b in prep.batches:
             t, li, lf = scaled(self._target_len(b)), scaled(b.enc.shape[1]), scaled(b.full.shape[1])
-            mem = li + (lh if fusion else 0)
+            mem = li + lf_kv
             tagi["encoder"] += b.size * C.encoder_flops(cfg, li)
-            dec = sum(C.decoder_flops(cfg, t, mem).values())
-            tagi["decoder"] += b.size * dec
-            notes["fusion"] += b.size * (dec - sum(C.decoder_flops(cfg, t, li).values()))
-            notes["fusion_kv"] += b.size * kv(lh) if fusion else 0.0
+            dec = C.decoder_flops(cfg, t, mem)
+            if per_task_kv:  # the instance's keys/values only
+                dec["cross_kv"] = C.decoder_flops(cfg, t, li)["cross_kv"]
+            tagi["decoder"] += b.size * sum(dec.values())
+            notes["fusion"] += b.size * (sum(dec.values()) - sum(C.decoder_flops(cfg, t, li).values()))
+            notes["fusion_kv"] += 0.0 if per_task_kv else b.size * kv(lf_kv)
+            notes["shared_decoder"] += b.size * sum(v for k, v in C.decoder_flops(cfg, t, 0).items())
             if s.adapter == "factorised":
-                tagi["adapter"] += b.size * C.lora_flops(cfg, self.hyper_config.adapter_targets, s.rank, li, t, mem)
+                tagi["adapter"] += b.size * C.lora_flops(cfg, targets, s.rank, li, t, li if per_task_kv else mem)
             concat["encoder"] += b.size * C.encoder_flops(cfg, lf)
             concat["decoder"] += b.size * sum(C.decoder_flops(cfg, t, lf).values())
         return {"tagi": tagi, "concat": concat, "notes": notes}
@@ -169,36 +207,34 @@ class InferenceCost:
         pass over `decode_len` tokens (same products), which is what is compiled for the check.
         """
         s = self.s
-        adapters, states, mask = self.compiled("generate", self._gen, self.params, prep.hyper)
+        params, run_adapters, fusion = self._generate(prep)
         tagi = self.compiled.flops("generate", self._gen, self.params, prep.hyper)
-        if s.fusion == "none":
-            states = mask = None
-        run_adapters = None
         if s.adapter == "merged":
+            adapters = self.compiled("generate", self._gen, self.params, prep.hyper)[0]
             tagi += self.compiled.flops("merge", self._merge, self.params["t5"], adapters)
-        else:
-            run_adapters = adapters
+        if "extra_encoder_kv" in fusion:
+            _, states, mask = self.compiled("generate", self._gen, self.params, prep.hyper)
+            n = self.fusion_len(prep)
+            tagi += self.compiled.flops("fusion_kv", self._kv, params, states[:, :n], run_adapters)
         concat = 0.0
         for b in prep.batches:
             dec_in, dec_tgt = b.dec_in, b.dec_tgt
             if s.mode == "greedy":
                 dec_in = dec_tgt = jnp.ones((b.size, s.decode_len), jnp.int32)
-            tagi += self.compiled.flops("score", self._score, self.params["t5"], run_adapters, b.enc, dec_in,
-                                        dec_tgt, states, mask)
+            tagi += self.compiled.flops("score", self._score, params, run_adapters, b.enc, dec_in, dec_tgt, fusion)
             concat += self.compiled.flops("score", self._score, self.params["t5"], None, b.full, dec_in, dec_tgt,
-                                          None, None)
+                                          NO_FUSION)
         return {"tagi": tagi, "concat": concat}
 
     def compile_task(self, prep: Prepared) -> None:
         """Compile every executable the timed runs will use (nothing compiles inside a timed region)."""
-        params, adapters, states, mask = self._generate(prep)
+        params, adapters, fusion = self._generate(prep)
         for b in prep.batches:
-            for tokens, p, a, st, mk in ((b.enc, params, adapters, states, mask),
-                                         (b.full, self.params["t5"], None, None, None)):
+            for tokens, p, a, f in ((b.enc, params, adapters, fusion), (b.full, self.params["t5"], None, NO_FUSION)):
                 if self.s.mode == "score":
-                    self.compiled.get("score", self._score, p, a, tokens, b.dec_in, b.dec_tgt, st, mk)
+                    self.compiled.get("score", self._score, p, a, tokens, b.dec_in, b.dec_tgt, f)
                 else:
-                    self.compiled.get("greedy", self._greedy, p, a, tokens, st, mk)
+                    self.compiled.get("greedy", self._greedy, p, a, tokens, f)
 
 
 # ------------------------------------------------------------------------------------------ one suite
@@ -261,9 +297,10 @@ def summarize(results: Sequence[TaskResult]) -> dict[str, float]:
     out["flops_tagi"], out["flops_concat"] = _total(tagi), _total(concat)
     out["flops_ratio"] = out["flops_concat"] / out["flops_tagi"]
     out["encoder_ratio"] = concat["encoder"] / tagi["encoder"]
-    out["flops_ratio_kv_once"] = out["flops_concat"] / (
-        out["flops_tagi"] - notes["fusion_kv"] + notes["fusion_kv_once"])
     out["flops_ratio_no_fusion"] = out["flops_concat"] / (out["flops_tagi"] - notes["fusion"])
+    # The bound assumes decoding is free: the decoder work both paths do alike, taken out of both.
+    out["flops_ratio_no_shared_decoder"] = ((out["flops_concat"] - notes["shared_decoder"])
+                                            / (out["flops_tagi"] - notes["shared_decoder"]))
     sp_tagi, sp_concat = _sum_parts(results, "tagi", "analytic_sp"), _sum_parts(results, "concat", "analytic_sp")
     out["flops_ratio_sp"] = _total(sp_concat) / _total(sp_tagi)
     if all(r.xla is not None for r in results):
@@ -308,16 +345,23 @@ def report(label: str, results: Sequence[TaskResult], s: Settings) -> str:
     lines.append(f"{label}: estimate at SentencePiece lengths (every padded length / {BYTES_PER_TOKEN:.0f}, "
                  f"analytic only): FLOPs ratio {m['flops_ratio_sp']:.2f}")
     if s.fusion == "prepend":
-        lines.append(f"{label}: what-if (analytic): with the instruction's cross-attention keys/values computed once "
-                     f"per task instead of once per instance (needs a T5.decode change), FLOPs ratio "
-                     f"{m['flops_ratio_kv_once']:.2f}; without fusion (--fusion=none), "
-                     f"{m['flops_ratio_no_fusion']:.2f}")
+        where = ("once per task (measured)" if s.fusion_kv == "task"
+                 else "for every instance (--fusion_kv=instance)")
+        lines.append(f"{label}: fusion: the instruction's cross-attention keys/values projected {where}: "
+                     f"{100 * m['tagi_fusion_kv'] / ft:.1f}% of TAGI's FLOPs; all of fusion "
+                     f"{100 * m['tagi_fusion'] / ft:.1f}%; without fusion (--fusion=none, other maths) the FLOPs "
+                     f"ratio would be {m['flops_ratio_no_fusion']:.2f} ({100 * m['flops_ratio_no_fusion'] / m['bound']:.0f}% "
+                     "of the bound)")
+    lines.append(f"{label}: decoder work both paths do alike (self-attention, cross-attention queries/outputs, FFN, "
+                 f"logits): {100 * m['tagi_shared_decoder'] / ft:.1f}% of TAGI's FLOPs; taken out of both paths "
+                 f"(the bound's 'decoding is free'), the ratio would be {m['flops_ratio_no_shared_decoder']:.2f}")
     lines.append(f"{label}: TAGI FLOPs: hypernetwork (once per task) {100 * m['tagi_hypernet'] / ft:.1f}%, "
                  f"adapter ({s.adapter}) {100 * m['tagi_adapter'] / ft:.1f}%, "
+                 f"instruction keys/values (once per task) {100 * m['tagi_instruction_kv'] / ft:.1f}%, "
                  f"encoder {100 * m['tagi_encoder'] / ft:.1f}%, "
-                 f"decoder {100 * m['tagi_decoder'] / ft:.1f}% (of which fusion: cross-attention to the "
-                 f"instruction {100 * m['tagi_fusion'] / ft:.1f}%); concat FLOPs: encoder "
-                 f"{100 * m['concat_encoder'] / m['flops_concat']:.1f}%, decoder "
+                 f"decoder {100 * m['tagi_decoder'] / ft:.1f}% (of which cross-attention to the instruction "
+                 f"{100 * (m['tagi_fusion'] - m['tagi_instruction_kv']) / ft:.1f}%); concat FLOPs: "
+                 f"encoder {100 * m['concat_encoder'] / m['flops_concat']:.1f}%, decoder "
                  f"{100 * m['concat_decoder'] / m['flops_concat']:.1f}%")
     return "\n".join(lines)
 
