@@ -118,13 +118,17 @@ def work(args: flags.FlagValues, argv) -> None:
             else "the config's model section")
     print(f"{args.topology}: {len(devices)} devices, mesh data={config.mesh.data} model={config.mesh.model} "
           f"fsdp={bool(config.mesh.fsdp)}; backbone {arch}, dtype {config.model.dtype}, remat "
-          f"{config.model.remat_policy}; {note}", flush=True)
+          f"{config.model.remat_policy}, weights {config.model.backbone_weights}; {note}", flush=True)
     print("GiB per chip" + " " * 38 + f"(fits: total <= {args.headroom:.0%} of HBM)\n" + compile_plan.HEADER,
           flush=True)
     reports = compile_plan.plan(
         config, devices, hbm, backbone=backbone, stages=stages or None, num_teachers=args.num_teachers or None,
         with_diagnostics=args.diagnostics,
         on_report=lambda r: print(compile_plan.format_report(r, topology, args.headroom), flush=True))
+    for r in reports:
+        if r.program == "train" and r.float_params != r.params:
+            print(f"{r.stage}: int8 frozen backbone kernels: parameters {r.params / topologies.GIB:.2f} GiB per chip "
+                  f"({r.float_params / topologies.GIB:.2f} GiB with them in float32)", flush=True)
     over = [r for r in reports if not r.fits(args.headroom)]
     if over:
         r = over[0]

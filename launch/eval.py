@@ -55,6 +55,9 @@ def define_flags(argv) -> flags.FlagValues:
     string("p3_templates_dir", None, "promptsource templates directory (default: config data.p3.templates_dir).")
     string("p3_data_dir", None, "P3 held-out validation JSONL directory (<dataset>/validation.jsonl; default: "
            "config data.p3.eval_data_dir).")
+    flags.DEFINE_enum("backbone_weights", None, ["float", "int8"], "Store the backbone's matmul kernels so "
+                      "after loading (int8: per-channel weight-only quantisation); results are named "
+                      "<method>_<value>_... (default: as trained).", flag_values=fv)
     flags.DEFINE_list("p3_datasets", None, "Only these P3 datasets (default: config data.p3.eval_datasets, those "
                       "found).", flag_values=fv)
     return fv
@@ -75,12 +78,13 @@ def work(args: flags.FlagValues) -> None:
     cli.setup_logging(os.path.join(args.workdir, "logs") if trained else None, "eval", args.verbose)
     results = {}
     for method in methods:
-        results[method] = run_evaluation(
+        label = method if args.backbone_weights is None else f"{method}_{args.backbone_weights}"
+        results[label] = run_evaluation(
             args.workdir, method, args.benchmark, config=args.config, tasks=args.tasks,
             max_examples_per_task=args.max_examples_per_task, batch_size=args.batch_size,
             beam_size=args.beam_size, max_decode_len=args.max_decode_len, use_cache=args.adapter_cache,
             sni_dir=args.sni_dir, p3_templates_dir=args.p3_templates_dir, p3_data_dir=args.p3_data_dir,
-            p3_datasets=args.p3_datasets)
+            p3_datasets=args.p3_datasets, backbone_weights=args.backbone_weights)
     if jax.process_index() == 0:  # one copy of the table and the pictures
         trained_benchmark = load_workdir_config(args.workdir).data.benchmark
         benchmark = args.benchmark or (args.config or load_workdir_config(args.workdir)).data.benchmark

@@ -21,7 +21,7 @@ from tagi_jax.data.benchmarks import BENCHMARKS
 from tagi_jax.init_files import CONFIG_FILE, RUN_FILE, Answers
 from tagi_jax.models.t5_config import T5Config
 from tagi_jax.run import compile_plan
-from tagi_jax.run.defaults import validate
+from tagi_jax.run.defaults import RUN_MODEL_KEYS, validate
 from tagi_jax.run.stages import METHODS
 from tasks import sni
 from tasks.synthetic.suite import SETTINGS as SYNTHETIC_SETTINGS
@@ -303,7 +303,7 @@ def _plan_questions(io: Console, a: Answers, devices, base_stages, config) -> No
     t5 = a.backbone.t5 if a.backbone is not None else None
     counts = init_plan.stage_param_counts(config, _num_teachers(a, config), t5, stages)
     from_config = config.stages[stages[0]].train.batch_size
-    t5 = t5 or T5Config(**{k: v for k, v in config.model.to_dict().items() if k != "checkpoint"})
+    t5 = t5 or T5Config(**{k: v for k, v in config.model.to_dict().items() if k not in RUN_MODEL_KEYS})
     plan = init_plan.propose(config, t5, counts, devices.count, memory, from_config)
     io.say(f"\nplan: {plan.describe()}")
     model = io.ask("mesh_model", str(plan.mesh_model), lambda t: _divides(_positive(t), devices.count, "devices"))

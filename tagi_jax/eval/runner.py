@@ -14,6 +14,7 @@ from ml_collections import config_dict
 from tagi_jax.data.batches import eval_examples, task_lengths
 from tagi_jax.data.benchmarks import Benchmark, register_benchmark
 from tagi_jax.eval import generation, rank_classification
+from tagi_jax.models import quantize
 from tagi_jax.eval.adapters import AdapterCache
 from tagi_jax.eval.report import format_metrics, format_summary, format_timing, summary_entry, write_json, write_jsonl
 from tagi_jax.run.stages import check_method
@@ -151,16 +152,20 @@ def run_evaluation(
     p3_templates_dir: str | None = None,
     p3_data_dir: str | None = None,
     p3_datasets: Sequence[str] | None = None,
+    backbone_weights: str | None = None,
     print_fn: Callable[[str], None] | None = print,
 ) -> dict:
     """Evaluate `method` of a pipeline work directory on a benchmark; writes
     `<workdir>/eval/<method>_<benchmark>_<split>_predictions.jsonl` and `<method>_<benchmark>_metrics.json`
     ({split: metrics}) and returns the metrics. `config` (default: the work directory's config.json) gives
-    the data and eval settings; the model always comes from the work directory."""
+    the data and eval settings; the model always comes from the work directory. `backbone_weights` ("int8",
+    "float") stores the backbone's matmul kernels so after loading (`load_trained`); the files are then named
+    `<method>_<backbone_weights>_...`, beside the method's own."""
     check_method(method)
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"{workdir}: work directory not found")
-    _, model, params = load_trained(workdir, method)
+    _, model, params = load_trained(workdir, method, backbone_weights)
+    name = method if backbone_weights is None else f"{method}_{backbone_weights}"
     if config is None:
         config = load_workdir_config(workdir)
     data = eval_data_config(config, benchmark, sni_dir=sni_dir, p3_templates_dir=p3_templates_dir,
@@ -172,20 +177,21 @@ def run_evaluation(
     cache = AdapterCache(os.path.join(workdir, "adapter_cache") if use_cache else None)
 
     progress = _progress_note(workdir, method, load_workdir_config(workdir))
+    progress["backbone_weights"] = "int8" if quantize.quantized_kernel_paths(params) else "float"
 
     def report(label: str, metrics: dict, examples: list) -> None:
         metrics["benchmark"], metrics["split"] = bench.name, label
         metrics.update(progress)
         if print_fn is not None:
-            print_fn(format_metrics(metrics, title=f"\n== {method} on {bench.name} / {label} "
+            print_fn(format_metrics(metrics, title=f"\n== {name} on {bench.name} / {label} "
                                                    f"({len(splits[label])} tasks, {len(examples)} examples) =="))
 
     results = _evaluate(workdir, method, model, params, bench, _split_examples(bench, splits, settings), settings,
                         cache,
-                        predictions_name=lambda label: f"{method}_{bench.name}_{label}_predictions.jsonl",
+                        predictions_name=lambda label: f"{name}_{bench.name}_{label}_predictions.jsonl",
                         report=report)
     if jax.process_index() == 0:
-        path = write_json(os.path.join(workdir, "eval", f"{method}_{bench.name}_metrics.json"), results)
+        path = write_json(os.path.join(workdir, "eval", f"{name}_{bench.name}_metrics.json"), results)
         if print_fn is not None:
             print_fn(f"\nmetrics: {path}")
     return results

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tagi_jax.models import lora
+from tagi_jax.models import lora, quantize
 from tagi_jax.models.t5_config import T5Config
 
 Array = jax.Array
@@ -128,7 +128,8 @@ class Embed(nn.Module):
 
 
 class Dense(nn.Module):
-    """x·W [+ scale·((x·A)·B)], W: [d_in, features] with logical names `kernel_axes`."""
+    """x·W [+ scale·((x·A)·B)], W: [d_in, features] with logical names `kernel_axes`; a tree holding a
+    `kernel_scale` beside the kernel stores W as int8 with per-output-channel scales (`quantize.int8_matmul`)."""
 
     config: T5Config
     features: int
@@ -141,7 +142,10 @@ class Dense(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
                             (x.shape[-1], self.features), cfg.jnp_param_dtype)
         x = jnp.asarray(x, cfg.jnp_dtype)
-        y = jnp.einsum("...d,df->...f", x, jnp.asarray(kernel, cfg.jnp_dtype))
+        if self.has_variable("params", quantize.SCALE):  # an int8 kernel (a frozen backbone, models/quantize.py)
+            y = quantize.int8_matmul(x, kernel, self.get_variable("params", quantize.SCALE), cfg.jnp_dtype)
+        else:
+            y = jnp.einsum("...d,df->...f", x, jnp.asarray(kernel, cfg.jnp_dtype))
         if factors is not None:
             a, b, scale = factors
             y = y + lora.lora_delta(x, a, b, scale)

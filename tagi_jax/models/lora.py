@@ -237,7 +237,7 @@ def merge_adapter(params: Any, adapters: Adapters) -> Any:
     """W + scale·A·B for one *shared* adapter (A/B without a batch axis, or batch 1): the single-task fast path.
 
     Returns a new parameter tree (the input is not modified); the sum is computed in float32 and cast back to
-    the kernel's dtype.
+    the kernel's dtype (an int8 kernel with its `kernel_scale` becomes a float32 kernel).
     """
     import flax  # local: keep this module importable without flax in light-weight tools
 
@@ -264,6 +264,8 @@ def merge_adapter(params: Any, adapters: Adapters) -> Any:
             if kernel.shape != delta.shape[1:]:
                 raise ValueError(f"merge_adapter: adapters[{target!r}]: A·B has shape {delta.shape[1:]} but "
                                  f"{'/'.join(path)} has {kernel.shape}")
+            if "kernel_scale" in node:  # an int8 kernel (models/quantize.py): the merged one is float32
+                kernel = jnp.asarray(kernel, jnp.float32) * jnp.asarray(node.pop("kernel_scale"), jnp.float32)
             node[path[-1]] = (jnp.asarray(kernel, jnp.float32) + delta[layer]).astype(kernel.dtype)
     return merged
 

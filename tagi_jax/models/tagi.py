@@ -282,7 +282,9 @@ def no_instruction_logits(model: TAGI, params, batch: Batch, rng: Optional[jax.A
 def student_decoding_inputs(model: TAGI, params, batch: Batch) -> dict[str, Any]:
     """Keyword arguments for `tagi_jax.models.predict.predict(T5(config.t5), params["t5"], **inputs, ...)`:
     the instance tokens, the generated adapters and the instruction states routed by `fusion_kwargs` (the
-    encoder reads them once per batch under encoder fusion; the decoder every step under "prepend")."""
+    encoder reads them once per batch under encoder fusion; under "prepend" `predict` projects their
+    cross-attention keys/values once per batch, before the decoding loop; tagi_jax.eval.decode, which holds
+    one row per task, once per task)."""
     adapters, states, mask = generate_adapters(
         model, params, _require(batch, F.HYPER_ENCODER_INPUT_TOKENS, "student"))
     return {

@@ -22,13 +22,14 @@ from tagi_jax import hf, partitioning
 from tagi_jax.config import ConfigError
 from tagi_jax.data.feature_converter import model_feature_shapes
 from tagi_jax.data import batches as batches_lib
+from tagi_jax.models import quantize
 from tagi_jax.models import predict as predict_lib
 from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.models.t5 import T5
 from tagi_jax.models.t5_config import T5Config
 from tagi_jax.run.defaults import tagi_config
 from tagi_jax.run.objectives import make_diagnostics_fn, make_loss_fn
-from tagi_jax.run.stages import (METHODS, PRETRAIN_DATA_STAGES, section_names, stage_init_fn, stage_trainer_config,
+from tagi_jax.run.stages import (METHODS, PRETRAIN_DATA_STAGES, section_names, stage_init_for, stage_trainer_config,
                                   tree_config)
 from tagi_jax.run.topologies import GIB, Topology
 from tagi_jax.trainer.program import StepProgram
@@ -56,6 +57,7 @@ class ProgramReport:
     bytes_accessed: float
     compile_seconds: float
     hbm: float
+    float_params: float = 0.0  # `params` with the int8 backbone kernels in float32 (= params without int8)
 
     @property
     def total(self) -> float:
@@ -148,7 +150,7 @@ def plan_stage(config: config_dict.ConfigDict, stage: str, model_cfg: tagi_lib.T
     model = tagi_lib.TAGI(model_cfg)
     stage_cfg = stage_trainer_config(config, stage)
     diagnostics_fn = make_diagnostics_fn(stage, config, model, task_to_teacher) if with_diagnostics else None
-    program = StepProgram(stage_cfg, init_fn=stage_init_fn(stage, model_cfg),
+    program = StepProgram(stage_cfg, init_fn=stage_init_for(config, stage, model_cfg),
                           loss_fn=make_loss_fn(stage, config, model, task_to_teacher), mesh=mesh, rules=rules,
                           section_names=section_names(stage), diagnostics_fn=diagnostics_fn)
     lengths = (batches_lib.pretrain_lengths(config.data) if stage in PRETRAIN_DATA_STAGES
@@ -159,6 +161,7 @@ def plan_stage(config: config_dict.ConfigDict, stage: str, model_cfg: tagi_lib.T
     batch_bytes = per_device_bytes(batch)
     compiled, seconds = _compile(program.lower_train_step(batch))
     reports = [_report(stage, "train", compiled, seconds, hbm, params_bytes, opt_bytes, batch_bytes)]
+    reports[0].float_params = per_device_bytes(quantize.float_abstract(program.abstract_params))
 
     if program.diagnostics is not None:
         with program.context():

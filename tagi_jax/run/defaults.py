@@ -15,6 +15,7 @@ from tagi_jax.config import ConfigError, require_choice, require_int, require_pa
 from tagi_jax.data.benchmarks import BENCHMARKS, require_p3, require_vocabulary
 from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.models.tagi import FUSIONS
+from tagi_jax.models import quantize
 from tagi_jax.models.hypernet import HyperNetConfig
 from tagi_jax.models.t5_config import T5Config
 from tagi_jax.run.stages import (BACKBONE_POLICIES, DEFAULT_INIT_FROM, METHODS, STAGES, section_names,
@@ -25,6 +26,10 @@ from tasks.p3.datasets import MTEST11, T0_TRAIN_DATASETS
 from tasks.synthetic.suite import SETTINGS as SYNTHETIC_SETTINGS
 
 KL_TEACHERS = ("lora_teachers", "concat")
+
+
+# `model` keys of the run, not of the architecture (`T5Config` takes the others).
+RUN_MODEL_KEYS = ("checkpoint", "backbone_weights")
 
 
 def _dataclass_section(cls) -> config_dict.ConfigDict:
@@ -38,6 +43,9 @@ def default_config() -> config_dict.ConfigDict:
     c.seed = 0
     c.model = _dataclass_section(T5Config)
     c.model.checkpoint = ""  # a Hugging Face T5 directory to import the backbone from ("" = from scratch)
+    # "int8": the backbone matmul kernels a stage freezes are stored as int8 with per-output-channel scales and
+    # dequantised in the matmul (tagi_jax.models.quantize); kernels a stage trains stay float32.
+    c.model.backbone_weights = "float"
     c.hypernet = _dataclass_section(HyperNetConfig)
     c.tagi = config_dict.ConfigDict({
         "fusion": "prepend",  # "prepend", "encoder_cross_attention" or "none" (tagi_jax.models.tagi)
@@ -110,8 +118,7 @@ def tagi_config(config: config_dict.ConfigDict, num_teachers: int, t5: T5Config 
     """The model config: backbone (`t5`, e.g. read from an imported checkpoint, else `config.model`),
     hypernetwork, fusion and teachers."""
     if t5 is None:
-        model = config.model.to_dict()
-        model.pop("checkpoint", None)
+        model = {k: v for k, v in config.model.to_dict().items() if k not in RUN_MODEL_KEYS}
         try:
             t5 = T5Config(**model)
         except (TypeError, ValueError) as e:
@@ -140,6 +147,7 @@ def validate(config: config_dict.ConfigDict) -> None:
     require_choice(config, "tagi.teachers_per", ("task", "category"))
     require_choice(config, "tagi.fusion", FUSIONS)
     require_choice(config, "tagi.train_backbone", BACKBONE_POLICIES)
+    require_choice(config, "model.backbone_weights", quantize.BACKBONE_WEIGHTS)
     _validate_data_paths(config)
     _validate_sizes(config)
     require_choice(config, "loss.alignment", ("delta", "factor"))

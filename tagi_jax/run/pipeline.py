@@ -22,7 +22,7 @@ from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.run.defaults import tagi_config, validate
 from tagi_jax.run.objectives import make_diagnostics_fn, make_loss_fn
 from tagi_jax.run.stage_init import build_initial_params
-from tagi_jax.run.stages import (PRETRAIN_DATA_STAGES, TEACHER_STAGES, section_names, stage_init_fn,
+from tagi_jax.run.stages import (PRETRAIN_DATA_STAGES, TEACHER_STAGES, section_names, stage_init_for,
                                   stage_trainer_config)
 from tagi_jax.run.workdir import check_resume, has_checkpoint, stage_dir, write_run_files
 from tagi_jax.trainer.distributed import host_batch_slice
@@ -45,7 +45,8 @@ class RunContext:
         """The stage's tree freshly initialised straight into its shardings, from the run's one init rng: every
         stage gets the same fresh value for a parameter it shares with another (values follow paths)."""
         rng = jax.random.fold_in(jax.random.key(int(self.config.seed)), 7)
-        params, _, _ = partitioning.sharded_init(stage_init_fn(stage, self.model_cfg), self.mesh, self.rules, rng)
+        init_fn = stage_init_for(self.config, stage, self.model_cfg)
+        params, _, _ = partitioning.sharded_init(init_fn, self.mesh, self.rules, rng)
         return params
 
 
@@ -92,7 +93,8 @@ def run_stage(ctx: RunContext, stage: str, stop_at: int | None = None) -> dict:
     config = ctx.config
     stage_cfg = stage_trainer_config(config, stage)
     loss_fn = make_loss_fn(stage, config, ctx.model, ctx.task_to_teacher)
-    trainer = Trainer(stage_cfg, workdir=stage_dir(ctx.workdir, stage), init_fn=stage_init_fn(stage, ctx.model_cfg),
+    trainer = Trainer(stage_cfg, workdir=stage_dir(ctx.workdir, stage),
+                      init_fn=stage_init_for(config, stage, ctx.model_cfg),
                       loss_fn=loss_fn, section_names=section_names(stage), mesh=ctx.mesh, rules=ctx.rules,
                       name=stage, diagnostics_fn=make_diagnostics_fn(stage, config, ctx.model, ctx.task_to_teacher))
     initial = None if has_checkpoint(ctx.workdir, stage) else build_initial_params(stage, ctx, trainer)

@@ -11,6 +11,7 @@ from absl import logging
 from flax import traverse_util
 
 from tagi_jax.config import ConfigError
+from tagi_jax.models import quantize
 from tagi_jax.models.t5 import is_encoder_fusion_param
 from tagi_jax.run.workdir import has_checkpoint, stage_dir
 from tagi_jax.trainer import checkpoints
@@ -76,15 +77,24 @@ def _check_missing(missing, source: str, stage: str) -> None:
 
 
 def overlay_host(fresh, host, abstract, source: str, stage: str):
-    """`fresh` (placed arrays) with every parameter of the host (numpy) tree put in its place, float32 with
-    the abstract tree's shardings; parameters the host lacks keep their fresh value (`_check_missing`)."""
-    out, host = _flat(fresh), _flat(host)
-    abstract = _flat(abstract)
+    """`fresh` (placed arrays) with every parameter of the host (numpy) tree put in its place, in the abstract
+    tree's dtype and shardings (kernels the abstract tree holds as int8 quantised on the host first); parameters
+    the host lacks keep their fresh value (`_check_missing`)."""
+    host = _flat(quantize.match_quantization(host, abstract))
+    out, abstract = _flat(fresh), _flat(abstract)
     _check_missing([path for path in abstract if path not in host], source, stage)
     for path, a in abstract.items():
         if path in host:
-            out[path] = jax.device_put(np.asarray(host[path], np.float32), a.sharding)
+            out[path] = jax.device_put(np.asarray(host[path], a.dtype), a.sharding)
     return traverse_util.unflatten_dict(out)
+
+
+def _to_target(restored, target_abstract):
+    """`restored` quantised/dequantised where the target stores kernels otherwise, placed in its shardings."""
+    converted = _flat(quantize.match_quantization(restored, target_abstract))
+    flat_target = _flat(target_abstract)
+    return traverse_util.unflatten_dict(
+        {p: jax.device_put(x, flat_target[p].sharding) if p in flat_target else x for p, x in converted.items()})
 
 
 def build_initial_params(stage: str, ctx, trainer) -> Callable[[], Any] | None:
@@ -119,12 +129,14 @@ def build_initial_params(stage: str, ctx, trainer) -> Callable[[], Any] | None:
             abstract = {}
             for sp, tp in pairs:
                 wanted = _flat(_get(trainer.abstract_params, tp))
-                _check_missing([p for p in wanted if sp + p not in saved], f"stage '{src}' ({src_dir})", stage)
-                present = {p: a for p, a in wanted.items() if sp + p in saved}
+                as_saved = quantize.as_stored(wanted, saved, sp)
+                _check_missing([p for p in as_saved if sp + p not in saved], f"stage '{src}' ({src_dir})", stage)
+                present = {p: a for p, a in as_saved.items() if sp + p in saved}
                 abstract = _set(abstract, sp, traverse_util.unflatten_dict(present))
             restored = checkpoints.load_params(src_dir, abstract)
             for sp, tp in pairs:
-                merged = {**_flat(_get(params, tp)), **_flat(_get(restored, sp))}
+                part = _to_target(_get(restored, sp), _get(trainer.abstract_params, tp))
+                merged = {**_flat(_get(params, tp)), **_flat(part)}
                 params = _set(params, tp, traverse_util.unflatten_dict(merged))
         return params
 

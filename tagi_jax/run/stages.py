@@ -22,8 +22,9 @@ import jax
 from ml_collections import config_dict
 
 from tagi_jax import features as F
+from tagi_jax.models import quantize
 from tagi_jax.models import tagi as tagi_lib
-from tagi_jax.models.t5 import FUSION_ATTENTION, FUSION_NORM
+from tagi_jax.models.t5 import FUSION_ATTENTION, FUSION_NORM, is_encoder_fusion_param
 
 STAGES = ("backbone", "teachers", "pretrain", "finetune", "concat", "no_instruction", "hint")
 
@@ -154,7 +155,40 @@ def tree_config(model_cfg: tagi_lib.TAGIConfig, with_student: bool, with_teacher
     return model_cfg
 
 
-def stage_init_fn(stage: str, model_cfg: tagi_lib.TAGIConfig) -> Callable[[jax.Array], Any]:
+def backbone_kernel(path) -> bool:
+    """A backbone matmul kernel `model.backbone_weights = "int8"` may store as int8 (not an encoder-fusion block)."""
+    return quantize.is_backbone_kernel(path) and not is_encoder_fusion_param(tuple(path))
+
+
+def int8_selector(stage: str, train_backbone: str = "all") -> Callable[[tuple], bool]:
+    """The backbone kernels `stage` freezes: with `model.backbone_weights = "int8"` it holds them as int8."""
+    frozen = quantize.matching(frozen_patterns(stage, train_backbone))
+    return lambda path: backbone_kernel(path) and frozen(path)
+
+
+def int8_training_stages(stages, train_backbone: str = "all") -> list[str]:
+    """The stages of `stages` that train backbone kernels (they cannot hold them as int8)."""
+    return [s for s in stages if "t5" in stage_trains(s, train_backbone)]
+
+
+def stage_init_fn(stage: str, model_cfg: tagi_lib.TAGIConfig, backbone_weights: str = "float",
+                  train_backbone: str = "all") -> Callable[[jax.Array], Any]:
+    """`_stage_init_fn`, with the backbone kernels the stage freezes stored as int8 when `backbone_weights` is
+    "int8" (`tagi_jax.models.quantize`; shapes and logical axis names follow, so abstract init and shardings do)."""
+    init = _stage_init_fn(stage, model_cfg)
+    if backbone_weights != "int8":
+        return init
+    select = int8_selector(stage, train_backbone)
+    return lambda rng: quantize.quantize_params(init(rng), select)
+
+
+def stage_init_for(config, stage: str, model_cfg: tagi_lib.TAGIConfig) -> Callable[[jax.Array], Any]:
+    """`stage_init_fn` under a run config's `model.backbone_weights` and `tagi.train_backbone`."""
+    return stage_init_fn(stage, model_cfg, config.model.get("backbone_weights", "float"),
+                         config.tagi.get("train_backbone", "all"))
+
+
+def _stage_init_fn(stage: str, model_cfg: tagi_lib.TAGIConfig) -> Callable[[jax.Array], Any]:
     """The boxed parameter tree of a stage (for the trainer's abstract/sharded init, and a stage's fresh values).
 
     Every stage trains a `TAGI` tree (t5, hypernet; teachers in stage 0) with what it does not use frozen, except

@@ -10,15 +10,17 @@ import os
 from typing import Any, Mapping
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
 
 from tagi_jax.config import ConfigError
+from tagi_jax.models import quantize
 from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.models.t5_config import T5Config
 from tagi_jax.run.defaults import default_config, tagi_config
-from tagi_jax.run.stages import STAGES, check_method, stage_init_fn
+from tagi_jax.run.stages import STAGES, backbone_kernel, check_method, stage_init_for
 from tagi_jax.trainer import checkpoints
 
 CONFIG_FILE, MODEL_CONFIG_FILE, TASKS_FILE = "config.json", "model_config.json", "tasks.json"
@@ -26,6 +28,7 @@ RUN_FILE = "run.json"  # what the run wrote: config.json's hash (hand edits are 
 # Settings a resumed run may change whatever has been trained: how long, how often to log and save, what to
 # evaluate and on which devices. `stages.<s>.*` may also change while stage <s> has no checkpoint yet.
 HARMLESS_KEYS = ("pipeline.stages", "pipeline.evaluate", "eval.", "mesh.", "distributed.")
+BACKBONE_KEY = "model.backbone_weights"
 HARMLESS_TRAIN_KEYS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "progress_bar")
 # Loss settings only the stages that use them depend on (the others, z_loss and label smoothing, every stage's CE).
 LOSS_STAGES = {"lambda_kl": ("finetune",), "lambda_ins": ("finetune",), "temperature": ("finetune",),
@@ -96,7 +99,10 @@ def check_resume(workdir: str, config: config_dict.ConfigDict) -> dict[str, list
     new = _flat(json.loads(_config_text(config)))
     changed = {k: [saved.get(k), new.get(k)] for k in sorted(set(saved) | set(new)) if saved.get(k) != new.get(k)}
     started = {s for s in STAGES if has_checkpoint(workdir, s)}
-    blocking = [k for k in changed if not _harmless(k, started)] if started else []
+    # The backbone's storage is a property of each stage's checkpoint (later stages convert what they read), so
+    # it may change unless a stage this run trains is already started.
+    rerun = set(config.pipeline.stages) & started
+    blocking = [k for k in changed if not _harmless(k, started) and (k != BACKBONE_KEY or rerun)] if started else []
     if blocking:
         shown = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in blocking[:6])
         more = f" and {len(blocking) - 6} more" if len(blocking) > 6 else ""
@@ -172,8 +178,10 @@ def _merge_into(config: config_dict.ConfigDict, saved: Mapping) -> None:
                 config[key] = value
 
 
-def load_trained(workdir: str, method: str):
-    """(config, model, params) of a trained method in a pipeline work directory (params = its TAGI tree)."""
+def load_trained(workdir: str, method: str, backbone_weights: str | None = None):
+    """(config, model, params) of a trained method in a pipeline work directory (params = its TAGI tree).
+    `backbone_weights` "int8"/"float" stores the backbone's matmul kernels so after loading, whatever the run
+    trained with (None: as saved; e.g. a float-trained model evaluated with an int8 backbone)."""
     stage = check_method(method).stage
     if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
         raise FileNotFoundError(f"{workdir}: no config.json (not a tagi_jax pipeline work directory)")
@@ -186,13 +194,24 @@ def load_trained(workdir: str, method: str):
         t5 = T5Config.from_dict(json.load(f))
     model_cfg = tagi_config(config, num_teachers=num_teachers, t5=t5)
     model = tagi_lib.TAGI(model_cfg)
-    abstract = jax.eval_shape(lambda r: nn.meta.unbox(stage_init_fn(stage, model_cfg)(r)), jax.random.key(0))
+    abstract = jax.eval_shape(lambda r: nn.meta.unbox(stage_init_for(config, stage, model_cfg)(r)),
+                              jax.random.key(0))
     # This process's own first device: jax.devices()[0] belongs to process 0, which another host cannot address.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    # Read each kernel in the storage the checkpoint holds it in (a run may have changed model.backbone_weights
+    # between stages, or the stage may be loaded by an older default).
+    saved = checkpoints.saved_param_paths(stage_dir(workdir, stage))
+    abstract = traverse_util.unflatten_dict(quantize.as_stored(traverse_util.flatten_dict(abstract), saved))
     params = checkpoints.load_params(stage_dir(workdir, stage), abstract)
     if stage == "finetune":
         params = params["student"]
+    if backbone_weights == "int8":
+        params = quantize.quantize_params(params, backbone_kernel)
+    elif backbone_weights == "float":
+        params = quantize.dequantize_params(params)
+    elif backbone_weights is not None:
+        raise ValueError(f"backbone_weights must be 'float' or 'int8', got {backbone_weights!r}")
     bad = [path for path, x in jax.tree_util.tree_flatten_with_path(params)[0] if not bool(jnp.all(jnp.isfinite(x)))]
     if bad:  # it would only predict empty strings
         raise ValueError(f"{stage_dir(workdir, stage)}: the checkpoint of method '{method}' holds NaN/Inf parameters "

@@ -142,8 +142,14 @@ def compute_gradients(
             metrics[LOSS_WEIGHT] = w_sum
 
     it = iter(grads)
-    full_grads = treedef.unflatten([next(it) if m else jnp.zeros_like(leaf) for leaf, m in zip(leaves, mask)])
+    # A frozen int8 kernel's zero gradient is float32 (the optimizer's clipping and updates are float math).
+    full_grads = treedef.unflatten([next(it) if m else jnp.zeros(leaf.shape, _grad_dtype(leaf.dtype))
+                                    for leaf, m in zip(leaves, mask)])
     return full_grads, metrics
+
+
+def _grad_dtype(dtype):
+    return jnp.float32 if jnp.issubdtype(dtype, jnp.integer) else dtype
 
 
 def train_step(

@@ -42,8 +42,14 @@ class TrainState:
 
 
 def check_float32(abstract_params: Any) -> None:
-    """Parameters must be stored in float32 (the optimizer state follows them)."""
+    """Parameters must be stored in float32 (the optimizer state follows them), except the int8 kernels of a
+    frozen backbone (a "kernel" with a "kernel_scale" beside it, tagi_jax.models.quantize)."""
+    int8 = {path for path, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+            if getattr(path[-1], "key", None) == "kernel_scale"}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+        if (np.dtype(leaf.dtype) == np.int8 and getattr(path[-1], "key", None) == "kernel"
+                and path[:-1] + (jax.tree_util.DictKey("kernel_scale"),) in int8):
+            continue
         if np.dtype(leaf.dtype) != np.float32:
             raise ValueError(
                 f"parameter '{path_to_str(path)}' has dtype {np.dtype(leaf.dtype).name}; the trainer keeps "

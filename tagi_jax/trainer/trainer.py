@@ -120,7 +120,7 @@ class Trainer:
 
     def init_state(self, initial_params: Any | Callable[[], Any] | None = None) -> TrainState:
         """A fresh state: from `init_fn` (sharded init), or from given parameters (imported weights, the
-        previous stage's output: a tree like the model's, numpy or jax arrays, cast to float32)."""
+        previous stage's output: a tree like the model's, numpy or jax arrays, cast to the model's dtypes)."""
         if initial_params is None:
             with self.context():
                 return self._init_state(self._init_rng)
@@ -132,7 +132,7 @@ class Trainer:
         return TrainState(step=step, params=params, opt_state=opt_state)
 
     def _place_params(self, params: Any) -> Any:
-        """Check `params` against the model's parameter tree (paths, shapes), cast to float32, shard."""
+        """Check `params` against the model's parameter tree (paths, shapes), cast to its dtypes, shard."""
         expected = {optim.path_to_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(self.abstract_params)[0]}
         given = {optim.path_to_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
         missing = sorted(set(expected) - set(given))
@@ -146,8 +146,11 @@ class Trainer:
             x = given[path]
             if tuple(x.shape) != tuple(target.shape):
                 raise ValueError(f"initial params: '{path}' has shape {tuple(x.shape)}, the model expects {target.shape}")
-            if x.dtype != jnp.float32:
-                x = np.asarray(x, np.float32) if isinstance(x, np.ndarray) else jnp.asarray(x).astype(jnp.float32)
+            if x.dtype != target.dtype:  # float32, or int8 for a quantised frozen kernel
+                if jnp.issubdtype(target.dtype, jnp.integer) and not jnp.issubdtype(x.dtype, jnp.integer):
+                    raise ValueError(f"initial params: '{path}' is {x.dtype}, the model stores it as {target.dtype} "
+                                     "(quantise it first: tagi_jax.models.quantize)")
+                x = np.asarray(x, target.dtype) if isinstance(x, np.ndarray) else jnp.asarray(x).astype(target.dtype)
             leaves.append(jax.device_put(x, target.sharding))
         return jax.tree.unflatten(jax.tree.structure(self.abstract_params), leaves)
 
