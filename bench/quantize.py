@@ -43,9 +43,7 @@ SLICES = [("sni_t5_lm", "base", 8), ("sni_t5_lm", "xl", 32), ("sni_t5_lm", "xxl"
 def stage_param_bytes(config, stage: str, model_cfg, chips: int) -> tuple[float, float]:
     """(per-chip, whole-model) bytes of `stage`'s parameters under `config` (its backbone_weights), `chips`
     devices."""
-    model = int(config.mesh.model)
-    data = chips // model if int(config.mesh.data) == -1 else int(config.mesh.data)
-    mesh = jax.sharding.AbstractMesh((data, model), partitioning.MESH_AXES)
+    mesh = partitioning.abstract_mesh(int(config.mesh.data), int(config.mesh.model), chips)
     rules = partitioning.logical_axis_rules(bool(config.mesh.fsdp))
     rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype)
     abstract, _ = partitioning.abstract_with_shardings(stage_init_for(config, stage, model_cfg), mesh, rules, rng)

@@ -29,7 +29,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from tagi_jax import cli  # noqa: E402
 from tagi_jax.eval import plots, report  # noqa: E402
-from tagi_jax.eval.runner import run_evaluation  # noqa: E402
+from tagi_jax.eval.runner import result_name, run_evaluation  # noqa: E402
+from tagi_jax.models.quantize import BACKBONE_WEIGHTS  # noqa: E402
 from tagi_jax.run.stages import check_method  # noqa: E402
 from tagi_jax.run.workdir import load_workdir_config  # noqa: E402
 
@@ -55,7 +56,7 @@ def define_flags(argv) -> flags.FlagValues:
     string("p3_templates_dir", None, "promptsource templates directory (default: config data.p3.templates_dir).")
     string("p3_data_dir", None, "P3 held-out validation JSONL directory (<dataset>/validation.jsonl; default: "
            "config data.p3.eval_data_dir).")
-    flags.DEFINE_enum("backbone_weights", None, ["float", "int8"], "Store the backbone's matmul kernels so "
+    flags.DEFINE_enum("backbone_weights", None, list(BACKBONE_WEIGHTS), "Store the backbone's matmul kernels so "
                       "after loading (int8: per-channel weight-only quantisation); results are named "
                       "<method>_<value>_... (default: as trained).", flag_values=fv)
     flags.DEFINE_list("p3_datasets", None, "Only these P3 datasets (default: config data.p3.eval_datasets, those "
@@ -78,8 +79,7 @@ def work(args: flags.FlagValues) -> None:
     cli.setup_logging(os.path.join(args.workdir, "logs") if trained else None, "eval", args.verbose)
     results = {}
     for method in methods:
-        label = method if args.backbone_weights is None else f"{method}_{args.backbone_weights}"
-        results[label] = run_evaluation(
+        results[result_name(method, args.backbone_weights)] = run_evaluation(
             args.workdir, method, args.benchmark, config=args.config, tasks=args.tasks,
             max_examples_per_task=args.max_examples_per_task, batch_size=args.batch_size,
             beam_size=args.beam_size, max_decode_len=args.max_decode_len, use_cache=args.adapter_cache,

@@ -51,7 +51,25 @@ def logical_axis_rules(fsdp: bool = False) -> tuple[tuple[str, Any], ...]:
 def create_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, model) mesh over `devices` (default: all); -1 means 'all remaining devices'."""
     devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
+    data, model = mesh_shape(data, model, len(devices))
+    grid = np.asarray(devices).reshape(data, model)
+    if devices[0].platform == "tpu":  # an order that follows the chips' interconnect (ICI) rings
+        from jax.experimental import mesh_utils
+        try:
+            grid = mesh_utils.create_device_mesh((data, model), devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            pass  # a shape mesh_utils cannot lay out physically: the plain order still runs
+    return Mesh(grid, MESH_AXES)
+
+
+def abstract_mesh(data: int, model: int, num_devices: int) -> jax.sharding.AbstractMesh:
+    """`create_mesh`'s mesh for `num_devices` devices that need not exist (per-device sizes of sharded abstract
+    trees, `NamedSharding.shard_shape`)."""
+    return jax.sharding.AbstractMesh(mesh_shape(data, model, num_devices), MESH_AXES)
+
+
+def mesh_shape(data: int, model: int, n: int) -> tuple[int, int]:
+    """(data, model) sizes over `n` devices; -1 means 'all remaining devices'."""
     if data == -1 and model == -1:
         raise ValueError("mesh: at most one of mesh.data / mesh.model may be -1")
     if data == -1:
@@ -62,14 +80,7 @@ def create_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | 
         raise ValueError(
             f"mesh: mesh.data={data} x mesh.model={model} does not match the {n} available devices"
         )
-    grid = np.asarray(devices).reshape(data, model)
-    if devices[0].platform == "tpu":  # an order that follows the chips' interconnect (ICI) rings
-        from jax.experimental import mesh_utils
-        try:
-            grid = mesh_utils.create_device_mesh((data, model), devices)
-        except (ValueError, NotImplementedError, AssertionError):
-            pass  # a shape mesh_utils cannot lay out physically: the plain order still runs
-    return Mesh(grid, MESH_AXES)
+    return data, model
 
 
 def mesh_context(mesh: Mesh, rules) -> contextlib.AbstractContextManager:

@@ -136,6 +136,12 @@ def eval_data_config(config, benchmark: str | None = None, *, sni_dir: str | Non
     return data
 
 
+def result_name(method: str, backbone_weights: str | None = None) -> str:
+    """What `run_evaluation`'s files and results are named: the method, with the backbone storage it was made
+    to evaluate in (`tagi_int8`), if any."""
+    return method if backbone_weights is None else f"{method}_{backbone_weights}"
+
+
 def run_evaluation(
     workdir: str,
     method: str = "tagi",
@@ -165,7 +171,7 @@ def run_evaluation(
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"{workdir}: work directory not found")
     _, model, params = load_trained(workdir, method, backbone_weights)
-    name = method if backbone_weights is None else f"{method}_{backbone_weights}"
+    name = result_name(method, backbone_weights)
     if config is None:
         config = load_workdir_config(workdir)
     data = eval_data_config(config, benchmark, sni_dir=sni_dir, p3_templates_dir=p3_templates_dir,

@@ -241,6 +241,8 @@ def merge_adapter(params: Any, adapters: Adapters) -> Any:
     """
     import flax  # local: keep this module importable without flax in light-weight tools
 
+    from tagi_jax.models import quantize
+
     merged = flax.core.unfreeze(params)
     for target, entry in adapters.items():
         a, b = jnp.asarray(entry["A"]), jnp.asarray(entry["B"])
@@ -264,8 +266,8 @@ def merge_adapter(params: Any, adapters: Adapters) -> Any:
             if kernel.shape != delta.shape[1:]:
                 raise ValueError(f"merge_adapter: adapters[{target!r}]: A·B has shape {delta.shape[1:]} but "
                                  f"{'/'.join(path)} has {kernel.shape}")
-            if "kernel_scale" in node:  # an int8 kernel (models/quantize.py): the merged one is float32
-                kernel = jnp.asarray(kernel, jnp.float32) * jnp.asarray(node.pop("kernel_scale"), jnp.float32)
+            if quantize.SCALE in node:  # an int8 kernel: the merged one is float32
+                kernel = quantize.dequantize_kernel(kernel, node.pop(quantize.SCALE))
             node[path[-1]] = (jnp.asarray(kernel, jnp.float32) + delta[layer]).astype(kernel.dtype)
     return merged
 

@@ -106,6 +106,17 @@ def _quantize_entry(kernel):
     return quantize_kernel(kernel)
 
 
+def _quantized_node(node: Mapping) -> dict:
+    q, scale = _quantize_entry(node[KERNEL])
+    return {**node, KERNEL: q, SCALE: scale}
+
+
+def _dequantized_node(node: Mapping) -> dict:
+    out = {k: v for k, v in node.items() if k != SCALE}
+    out[KERNEL] = dequantize_kernel(node[KERNEL], node[SCALE])
+    return out
+
+
 def is_kernel(path: Sequence[str]) -> bool:
     """Every Dense kernel (of a plain T5 tree, say)."""
     return tuple(path)[-1:] == (KERNEL,)
@@ -116,26 +127,14 @@ def quantize_params(params, select: Callable[[Path], bool] = is_kernel):
     it (kernels already int8 are kept). Pure jnp on the leaves: works on placed arrays, under `jax.eval_shape`/`jit`, and on trees of
     `nn.LogicallyPartitioned` boxes (init functions)."""
 
-    def fn(path, node):
-        if SCALE in node or not select(path + (KERNEL,)):
-            return node
-        q, scale = _quantize_entry(node[KERNEL])
-        return {**node, KERNEL: q, SCALE: scale}
-
-    return _map_nodes(params, fn)
+    return _map_nodes(params, lambda path, node: node if SCALE in node or not select(path + (KERNEL,))
+                      else _quantized_node(node))
 
 
 def dequantize_params(params):
     """`params` with every int8 kernel back in float32 and its scale removed (the tree a float model reads)."""
 
-    def fn(path, node):
-        if SCALE not in node:
-            return node
-        out = {k: v for k, v in node.items() if k != SCALE}
-        out[KERNEL] = dequantize_kernel(node[KERNEL], node[SCALE])
-        return out
-
-    return _map_nodes(params, fn)
+    return _map_nodes(params, lambda path, node: _dequantized_node(node) if SCALE in node else node)
 
 
 def quantized_kernel_paths(params) -> set[Path]:
@@ -143,12 +142,12 @@ def quantized_kernel_paths(params) -> set[Path]:
     return {path + (KERNEL,) for path, node in _kernel_nodes(params) if SCALE in node}
 
 
-def float_abstract(abstract, keep: Callable[[Path], bool] = lambda path: False):
+def float_abstract(abstract):
     """The float tree an int8 abstract tree is quantised from: each int8 kernel a float32 ShapeDtypeStruct (same
-    sharding) and no scale, except kernels `keep(path)` says to restore as they are (a source stored in int8)."""
+    sharding) and no scale."""
 
     def fn(path, node):
-        if SCALE not in node or keep(path + (KERNEL,)):
+        if SCALE not in node:
             return node
         k = node[KERNEL]
         out = {key: v for key, v in node.items() if key != SCALE}
@@ -166,12 +165,9 @@ def match_quantization(params, abstract):
     def fn(path, node):
         want, have = path + (KERNEL,) in wanted, SCALE in node
         if want and not have:
-            q, scale = quantize_kernel(node[KERNEL])
-            return {**node, KERNEL: q, SCALE: scale}
+            return _quantized_node(node)
         if have and not want:
-            out = {k: v for k, v in node.items() if k != SCALE}
-            out[KERNEL] = dequantize_kernel(node[KERNEL], node[SCALE])
-            return out
+            return _dequantized_node(node)
         return node
 
     return _map_nodes(params, fn)

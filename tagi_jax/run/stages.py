@@ -166,11 +166,6 @@ def int8_selector(stage: str, train_backbone: str = "all") -> Callable[[tuple], 
     return lambda path: backbone_kernel(path) and frozen(path)
 
 
-def int8_training_stages(stages, train_backbone: str = "all") -> list[str]:
-    """The stages of `stages` that train backbone kernels (they cannot hold them as int8)."""
-    return [s for s in stages if "t5" in stage_trains(s, train_backbone)]
-
-
 def stage_init_fn(stage: str, model_cfg: tagi_lib.TAGIConfig, backbone_weights: str = "float",
                   train_backbone: str = "all") -> Callable[[jax.Array], Any]:
     """`_stage_init_fn`, with the backbone kernels the stage freezes stored as int8 when `backbone_weights` is
