@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tagi_jax.models import quantize
 from tagi_jax.models.t5_config import T5Config
 
 ATTENTION_BLOCKS = ("encoder_self", "decoder_self", "decoder_cross")
@@ -240,8 +241,6 @@ def merge_adapter(params: Any, adapters: Adapters) -> Any:
     the kernel's dtype (an int8 kernel with its `kernel_scale` becomes a float32 kernel).
     """
     import flax  # local: keep this module importable without flax in light-weight tools
-
-    from tagi_jax.models import quantize
 
     merged = flax.core.unfreeze(params)
     for target, entry in adapters.items():
