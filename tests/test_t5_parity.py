@@ -5,7 +5,8 @@
   v1.1-style and a num_heads*d_kv != d_model model;
 * cached one-token decoding == teacher-forced logits (plain, with adapters, with fused extra states);
   (greedy/beam search over this cache == transformers' `generate`: tests/test_decoding.py);
-* dropout, bfloat16 compute.
+* dropout, bfloat16 compute;
+* `attention="xla"` (`jax.nn.dot_product_attention`): the same logits as transformers, and cached decoding.
 """
 from __future__ import annotations
 
@@ -200,3 +201,21 @@ def test_bfloat16_compute_float32_params(v1_1):
     assert jax.tree.reduce(lambda ok, x: ok and x.dtype == np.float32, params, True)
     # bfloat16 has ~3 significant digits: logits agree to a few percent of their range
     assert np.abs(np.asarray(bf16, np.float32) - np.asarray(ref)).max() < 0.05 * np.abs(np.asarray(ref)).max()
+
+
+def test_dot_product_attention_matches_transformers_and_decodes(v1_1, tmp_path_factory):
+    config, params = v1_1
+    config = config.replace(attention="xla")
+    torch_model = tiny_hf_t5(tmp_path_factory, "v1_1")[1]
+    batch = make_batch(config.vocab_size, **SHAPE, seed=1)
+    _, logits = _jitted(config, "encode_and_logits", method=_encode_and_logits)(
+        {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+        batch["decoder_target_tokens"])
+    np.testing.assert_allclose(np.asarray(logits), hf_logits(torch_model, batch), atol=TOL, rtol=0)
+    # the cache's step mask goes through the kernel's mask argument: each step equals teacher forcing
+    enc_tokens, dec_inputs = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+    (encoded, full), variables = _prepare_fn(config, dec_inputs.shape[1])(params, enc_tokens, dec_inputs)
+    cache, step = variables["cache"], _step_fn(config, pass_length=True)
+    for t in range(dec_inputs.shape[1]):
+        step_logits, cache = step(params, cache, encoded, enc_tokens, dec_inputs[:, t:t + 1])
+        np.testing.assert_allclose(np.asarray(step_logits), np.asarray(full[:, t]), atol=TOL, rtol=0)

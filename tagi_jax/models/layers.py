@@ -196,17 +196,28 @@ class MultiHeadAttention(nn.Module):
             if decode:
                 k, v, mask = self._update_cache(q, k, v, mask, cache_length)
 
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-            if bias is not None:
-                logits = logits + jnp.asarray(bias, jnp.float32)
-            if mask is not None:
-                logits = jnp.where(mask, logits, _NEG_INF)
-            weights = jax.nn.softmax(logits, axis=-1).astype(cfg.jnp_dtype)
-            weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
-            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+            out = self._attend(q, k, v, mask, bias, deterministic)
         out = constrain(out, ("batch", "length", "heads", "kv")).reshape(out.shape[:2] + (inner,))
         out_init = {"kernel_init": nn.initializers.zeros_init()} if self.zero_output else {}
         return Dense(cfg, cfg.d_model, ("joined_kv", "embed"), name="out", **out_init)(out, factors.get("o"))
+
+    def _attend(self, q, k, v, mask, bias, deterministic):
+        """softmax(q·kᵀ + bias) v over [b, length, heads, d_kv] inputs, as `config.attention` says: our einsums
+        (with dropout on the weights) or `jax.nn.dot_product_attention` ("xla", or cuDNN's fused kernel on GPU:
+        the same function, without dropout, which `tagi_jax.run.defaults.validate` enforces)."""
+        cfg = self.config
+        if cfg.attention != "einsum":
+            bias = None if bias is None else jnp.asarray(bias, q.dtype)
+            return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias=bias, mask=mask,
+                                                scale=1.0, implementation=cfg.attention)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        if bias is not None:
+            logits = logits + jnp.asarray(bias, jnp.float32)
+        if mask is not None:
+            logits = jnp.where(mask, logits, _NEG_INF)
+        weights = jax.nn.softmax(logits, axis=-1).astype(cfg.jnp_dtype)
+        weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
     def _attend_parts(self, q, parts, bias, deterministic):
         """One softmax over the keys of every part (shared parts broadcast over the batch); [b, q, h, d]."""

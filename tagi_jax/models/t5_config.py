@@ -6,6 +6,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+ATTENTIONS = ("einsum", "xla", "cudnn")  # `T5Config.attention`
+
 
 class DictConfig:
     """`replace`, `to_dict` and `from_dict` (unknown keys rejected) for the frozen model-config dataclasses."""
@@ -57,6 +59,10 @@ class T5Config(DictConfig):
     # Rematerialisation of each encoder / decoder layer in training: "none", "full", "dots" or
     # "dots_with_no_batch_dims" (tagi_jax.models.t5.REMAT_POLICIES): memory for recomputation.
     remat_policy: str = "none"
+    # Attention products: "einsum" (ours, dropout on the weights), or `jax.nn.dot_product_attention` with
+    # implementation "xla" or "cudnn" (the fused flash kernel: GPU, bfloat16/float16; no attention dropout).
+    # Attention over precomputed key/value parts (decoding with per-task fusion keys/values) stays einsum.
+    attention: str = "einsum"
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
@@ -70,6 +76,8 @@ class T5Config(DictConfig):
         if self.remat_policy not in ("none", "full", "dots", "dots_with_no_batch_dims"):
             raise ValueError(f"model.remat_policy: {self.remat_policy!r} is not one of 'none', 'full', 'dots', "
                              "'dots_with_no_batch_dims'")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"model.attention: {self.attention!r} is not one of {', '.join(map(repr, ATTENTIONS))}")
         for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
                       "num_decoder_layers"):
             if getattr(self, field) <= 0:

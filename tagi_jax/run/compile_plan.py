@@ -27,7 +27,7 @@ from tagi_jax.models import predict as predict_lib
 from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.models.t5 import T5
 from tagi_jax.models.t5_config import T5Config
-from tagi_jax.run.defaults import tagi_config
+from tagi_jax.run.defaults import tagi_config, with_run_compute
 from tagi_jax.run.objectives import make_diagnostics_fn, make_loss_fn
 from tagi_jax.run.stages import (METHODS, PRETRAIN_DATA_STAGES, section_names, stage_init_for, stage_trainer_config,
                                   tree_config)
@@ -86,8 +86,7 @@ def backbone_for_plan(config: config_dict.ConfigDict, backbone: T5Config | None)
     """The backbone architecture with the run's compute settings (dtype, dropout, rematerialisation)."""
     if backbone is None:
         return None
-    return backbone.replace(dtype=config.model.dtype, dropout_rate=config.model.dropout_rate,
-                            remat_policy=config.model.remat_policy)
+    return with_run_compute(config, backbone)
 
 
 def read_backbone(path: str) -> T5Config:

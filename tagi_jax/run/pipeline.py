@@ -19,7 +19,7 @@ from tagi_jax.data import batches as batches_lib
 from tagi_jax.data.benchmarks import Benchmark, register_benchmark
 from tagi_jax.eval.runner import evaluate_methods
 from tagi_jax.models import tagi as tagi_lib
-from tagi_jax.run.defaults import tagi_config, validate
+from tagi_jax.run.defaults import tagi_config, validate, with_run_compute
 from tagi_jax.run.objectives import make_diagnostics_fn, make_loss_fn
 from tagi_jax.run.stage_init import build_initial_params
 from tagi_jax.run.stages import (PRETRAIN_DATA_STAGES, TEACHER_STAGES, section_names, stage_init_for,
@@ -65,7 +65,7 @@ def prepare(config: config_dict.ConfigDict, workdir: str) -> RunContext:
     hf_params = t5 = None
     if config.model.checkpoint:
         t5, hf_params = hf.load_t5(config.model.checkpoint, dtype=config.model.dtype)
-        t5 = t5.replace(dropout_rate=config.model.dropout_rate, remat_policy=config.model.remat_policy)
+        t5 = with_run_compute(config, t5)
     model_cfg = tagi_config(config, num_teachers=len(bench.teacher_keys(per)), t5=t5)
     if bench.vocabulary.vocab_size > model_cfg.t5.vocab_size:
         raise ConfigError(f"config key 'model.vocab_size': the model has {model_cfg.t5.vocab_size} embeddings but "
