@@ -10,6 +10,7 @@ greedy decoding is cross-checked through the teacher-forced pass that does the s
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import pathlib
@@ -50,10 +51,32 @@ def command_line(script: str, args: Any) -> str:
     return " ".join(["python", script] + flags)
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """A bad flag ends the program with one `error:` line and exit status 2 (argparse also prints the usage)."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parse_settings(settings_cls: type, description: str, argv=None) -> tuple[Any, argparse.Namespace]:
+    """The `Settings` dataclass from the command line, one flag per field (booleans as --x/--no-x); a bad
+    value (argparse's or the dataclass's ValueError) is one `error:` line and exit status 2."""
+    parser = OneLineArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for field in dataclasses.fields(settings_cls):
+        if field.type in ("bool", bool):
+            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
+    args = parser.parse_args(argv)
+    try:
+        return settings_cls(**vars(args)), args
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def settings_parser(settings_cls: type, description: str) -> "argparse.ArgumentParser":
     """An argument parser with one flag per field of the `Settings` dataclass (booleans as --x/--no-x)."""
-    import argparse
-
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = settings_cls()
     for field in dataclasses.fields(settings_cls):

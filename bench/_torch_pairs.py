@@ -126,9 +126,10 @@ def perturb_b_factors(tree, seed: int, std: float = 0.02):
 
 # --------------------------------------------------------------------------------------------- the two sides
 class JaxStep:
-    """The package's `train_step` compiled ahead of time, as the trainer jits it (state donated)."""
+    """The package's `train_step` compiled ahead of time, as the trainer jits it (state donated; `donate=False`
+    for bench/speed_levers.py's comparison)."""
 
-    def __init__(self, loss_fn, params, frozen, batch, settings):
+    def __init__(self, loss_fn, params, frozen, batch, settings, donate: bool = True):
         opt_cfg = optim.default_config()
         opt_cfg.learning_rate = settings.learning_rate
         labels = optim.parameter_labels(params, frozen)
@@ -139,7 +140,8 @@ class JaxStep:
         self.state = jax.jit(lambda p: TrainState.create(p, self.tx))(params)
         self.batch = {k: jnp.asarray(v) for k, v in batch.items()}
         self.rng = jax.random.key(settings.seed)
-        self.compiled = jax.jit(step, donate_argnums=(0,)).lower(self.state, self.batch, self.rng).compile()
+        self.compiled = jax.jit(step, donate_argnums=(0,) if donate else ()).lower(
+            self.state, self.batch, self.rng).compile()
         self.last_loss = float("nan")
 
     def __call__(self):

@@ -131,24 +131,8 @@ def report(rows: list[dict]) -> str:
     return "\n".join([table.render(), ""] + lines + extra)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the usage too)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def parse_settings(argv=None) -> tuple[Settings, argparse.Namespace]:
-    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for field in dataclasses.fields(Settings):
-        if field.type in ("bool", bool):
-            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=field.default)
-        else:
-            parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
-    args = parser.parse_args(argv)
-    try:
-        return Settings(**vars(args)), args
-    except ValueError as e:
-        parser.error(str(e))
+    return C.parse_settings(Settings, __doc__.split("\n\n")[0], argv)
 
 
 def main(argv=None) -> None:

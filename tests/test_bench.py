@@ -156,3 +156,40 @@ def test_every_ablation_variant_is_a_valid_demo_config():
     assert ablations.variant_config(settings, "no_pretraining").pipeline.stages == ("finetune",)
     with pytest.raises(ValueError, match="unknown"):
         ablations.Settings(variants="full,typo")
+
+
+def test_speed_levers_train_the_same_model():
+    """Each lever changes how the step runs, not what it computes: after one AdamW update, the step-1 loss of
+    rematerialisation, `jax.nn.dot_product_attention` and the undonated step equal the baseline's to float
+    noise, bfloat16's to its rounding; the report names every lever."""
+    from bench import _torch_pairs as P
+    from bench import speed_levers as SL
+
+    settings = SL.Settings(tiny=True, levers="baseline,bfloat16,remat_full,attention_xla,no_donation",
+                           variants="full_finetune", repeats=1)
+    batch = P.make_batch(settings.shapes, settings.seed)
+    losses = {}
+    for lever in settings.levers.split(","):
+        step = SL.build_step("full_finetune", lever, settings, batch)
+        step()
+        step()  # the loss of the second call is computed after one update
+        losses[lever] = float(step.last_loss)
+    assert np.isfinite(losses["baseline"]) and losses["baseline"] > 1.0
+    for lever in ("remat_full", "attention_xla", "no_donation"):
+        assert abs(losses[lever] - losses["baseline"]) < 1e-5, (lever, losses)
+    assert 1e-6 < abs(losses["bfloat16"] - losses["baseline"]) < 0.02 * losses["baseline"], losses
+    rows = [{"variant": "full_finetune", "lever": lever, "times": [t], "loss0": 1.0, "temp_mb": 1.0, "total_mb": 2.0}
+            for lever, t in (("baseline", 2.0), ("bfloat16", 1.0))]
+    assert "speedup full_finetune bfloat16 = 2.00" in SL.report(rows)
+
+
+@pytest.mark.parametrize("flags, message", [(["--levers=fast"], "--levers"),
+                                            (["--levers=bfloat16"], "must include baseline"),
+                                            (["--repeats=x"], "invalid int value")])
+def test_speed_levers_bad_flags_exit_2_with_one_line(flags, message, capsys):
+    from bench import speed_levers as SL
+
+    with pytest.raises(SystemExit) as exit_info:
+        SL.main(flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
