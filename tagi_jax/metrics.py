@@ -1,4 +1,5 @@
-"""Evaluation metrics: the official Super-NaturalInstructions scorer and P3/T0 rank classification.
+"""Evaluation metrics: the official Super-NaturalInstructions scorer, P3/T0 rank classification and open-domain
+QA exact match.
 
 Pure Python/NumPy, no model code: the evaluator hands in strings or scores and gets numbers back.
 
@@ -10,10 +11,14 @@ Pure Python/NumPy, no model code: the evaluator hands in strings or scores and g
 * `rank_classification_accuracy` and `p3_summary` implement the T0 protocol: the prediction for an instance is
   the answer choice the model scores highest; accuracy per template, averaged over a dataset's templates, then
   over datasets (two published averages, see `p3_summary`).
+* `qa_metrics` is the exact match of open-domain QA (NQ-open, WebQuestions, TriviaQA) as DPR / FiD score it:
+  the SQuAD v1.1 normalisation *with* article removal (`normalize_qa_answer`), the maximum over an instance's
+  references, averaged over instances and multiplied by 100.
 """
 from __future__ import annotations
 
 import math
+import re
 import string
 from typing import Mapping, Sequence
 
@@ -54,14 +59,14 @@ def rouge_l(prediction: str, reference: str) -> float:
     return _rouge_scorer().score(target=reference, prediction=prediction)["rougeL"].fmeasure
 
 
-def _check_references(references: Sequence[Sequence[str]], n: int) -> None:
+def _check_references(references: Sequence[Sequence[str]], n: int, caller: str = "sni_metrics") -> None:
     if len(references) != n:
-        raise ValueError(f"sni_metrics: {n} predictions but {len(references)} reference lists")
+        raise ValueError(f"{caller}: {n} predictions but {len(references)} reference lists")
     for i, refs in enumerate(references):
         if isinstance(refs, (str, bytes)):
-            raise ValueError(f"sni_metrics: references[{i}] is a string; expected a list of reference strings")
+            raise ValueError(f"{caller}: references[{i}] is a string; expected a list of reference strings")
         if len(refs) == 0:
-            raise ValueError(f"sni_metrics: references[{i}] is empty; every instance needs at least one reference")
+            raise ValueError(f"{caller}: references[{i}] is empty; every instance needs at least one reference")
 
 
 def _micro_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
@@ -122,6 +127,53 @@ def sni_metrics(
             raise ValueError(f"sni_metrics: {len(predictions)} predictions but {len(groups)} {key[4:]} labels")
         result[key] = _grouped(predictions, references, [keyfn(_text(g)) for g in groups])
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Open-domain QA (DPR / FiD / SQuAD exact match)
+# ---------------------------------------------------------------------------------------------------------------
+
+_QA_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_qa_answer(text: str) -> str:
+    """DPR/FiD's answer normalisation for exact match (DPR `qa_validation._normalize_answer`, SQuAD v1.1's
+    `normalize_answer`), in its order: lowercase, drop ASCII punctuation, articles a/an/the (whole words) -> " ",
+    collapse whitespace.
+
+    As there, only `string.punctuation` is removed (curly quotes and dashes stay) and there is no Unicode
+    normalisation (DPR applies NFD only in its retrieval `has_answer`, not to exact match): a decomposed "é"
+    does not equal a composed one, so the published numbers are reproduced exactly.
+    """
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = _QA_ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def qa_exact_match(prediction: str, references: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals the normalised form of any reference, else 0.0."""
+    if isinstance(references, (str, bytes)):
+        raise ValueError("qa_exact_match: references is a string; expected a list of reference strings")
+    if len(references) == 0:
+        raise ValueError("qa_exact_match: no references; every instance needs at least one reference")
+    pred = normalize_qa_answer(_text(prediction))
+    return float(any(pred == normalize_qa_answer(_text(r)) for r in references))
+
+
+def qa_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Open-domain QA exact match (DPR / FiD / ORQA): {"em": mean over instances of `qa_exact_match` x 100}.
+
+    Args:
+      predictions: one predicted answer per instance (strings, or UTF-8 bytes as tf.data hands them back).
+      references: one non-empty list of reference answers per instance; any match counts.
+    """
+    predictions = [_text(p) for p in predictions]
+    if not predictions:
+        raise ValueError("qa_metrics: no predictions to score")
+    _check_references(references, len(predictions), caller="qa_metrics")
+    em = sum(qa_exact_match(p, refs) for p, refs in zip(predictions, references))
+    return {"em": 100.0 * em / len(predictions)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
