@@ -173,6 +173,12 @@ BAD_TRAIN_OVERRIDES = [
     (("--config.stages.concat.optimizer.schedule=linear", "--config.stages.concat.optimizer.warmup_steps=10"),
      "'stages.concat.optimizer.warmup_steps'=10 leaves no room"),
     ("--config.data.synthetic.vocab_size=64", "'data.synthetic.vocab_size' (64): SentencePiece cannot train"),
+    ("--config.tagi.instruction_source=question", "'tagi.instruction_source' is 'question'; choose one of"),
+    ("--config.model.attention=flash", "'model.attention' is 'flash'; choose one of: 'einsum', 'xla', 'cudnn'"),
+    (("--config.model.attention=xla", "--config.model.dropout_rate=0.1"),
+     "'model.attention' is 'xla', which has no attention dropout, but 'model.dropout_rate' is 0.1"),
+    ("--config.model.attention=cudnn", "'model.attention' is 'cudnn', which needs 'model.dtype' bfloat16"),
+    (("--config.model.attention=cudnn", "--config.model.dtype=bfloat16"), "'cudnn' (a GPU kernel) but JAX runs"),
 ]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from flax import traverse_util
 
 from tagi_jax import features as F
-from tagi_jax.eval.decode import bucket, compiled, model_fusion, tokenize
+from tagi_jax.eval.decode import bucket, compiled, model_fusion, pad_rows, tokenize
 from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.run.stages import check_method
 
@@ -301,14 +301,51 @@ def generate_task_adapters(
     return table
 
 
+@dataclasses.dataclass
+class InstanceAdapters:
+    """`tagi.instruction_source = "instance"` (IAG): every example's own instruction, tokenised, row i for example
+    i; the compiled decoding step generates each batch's adapters from its rows (`decode._gather`). No table and
+    no cache: one adapter per example (megabytes each at real sizes) is made, used and dropped batch by batch.
+    The timing fields of `AdapterTable` are kept for the report (generation time is inside decoding's)."""
+
+    tokens: np.ndarray
+    generator_params: dict
+    generated: int = 0
+    reused: int = 0
+    generator_calls: int = 0
+    seconds: float = 0.0
+    compile_seconds: float = 0.0
+
+    def device_tree(self) -> dict:
+        n = len(self.tokens)
+        size = max(8, 1 << max(0, n - 1).bit_length())  # as AdapterTable.device_tree: few compiled shapes
+        return {"instance_tokens": pad_rows(self.tokens, size), "generator": self.generator_params}
+
+
+def instance_adapters(model, params, instructions: Sequence[str], vocab, hyper_len: int,
+                      task_names: Sequence[str] | None = None) -> InstanceAdapters:
+    """The per-example source of `adapter_setup` for an "instance" model: instructions tokenised, not generated."""
+    _check_instructions(instructions, task_names)
+    tokens, truncated = tokenize(vocab, list(instructions), hyper_len)
+    if truncated:
+        warnings.warn(f"instance adapters: {truncated} of {len(instructions)} instructions were truncated to "
+                      f"hyper_inputs length {hyper_len}", stacklevel=2)
+    return InstanceAdapters(tokens, _generator_params(params), generated=len(instructions))
+
+
 def adapter_setup(method: str, model, params, examples, vocab, lengths, batch_size: int, cache):
-    """(table or None, rows [n] or zeros): the generated adapters the examples use."""
+    """(table or None, rows [n] or zeros): the generated adapters the examples use (an `AdapterTable` of the
+    distinct instructions, or for an "instance" model the `InstanceAdapters` the decoding step generates from)."""
     if not check_method(method).generates_adapters:
         return None, np.zeros(len(examples), np.int32)
     if not hasattr(model.config, "hypernet"):
         raise ValueError(f"evaluate: method {method!r} needs a TAGI model (with a hypernetwork), got "
                          f"{type(model).__name__}")
     instructions = [ex[F.HYPER_INPUTS] for ex in examples]
+    if getattr(model.config, "instruction_source", "task") == "instance":
+        source = instance_adapters(model, params, instructions, vocab, int(lengths[F.HYPER_INPUTS]),
+                                   [ex[F.TASK_NAME] for ex in examples])
+        return source, np.arange(len(examples), dtype=np.int32)
     table = generate_task_adapters(model, params, instructions, vocab, int(lengths[F.HYPER_INPUTS]), batch_size,
                                    cache, task_names=[ex[F.TASK_NAME] for ex in examples])
     return table, table.rows(instructions)

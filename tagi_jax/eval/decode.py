@@ -17,6 +17,7 @@ import numpy as np
 
 from tagi_jax.models import predict as predict_lib
 from tagi_jax.models.t5 import T5
+from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.models.tagi import fusion_kwargs
 
 
@@ -105,10 +106,16 @@ def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
 
 
-def _gather(table, rows):
-    """Per-example factors (and fusion states) from the stacked table: rows [b] -> [b, ...]."""
+def _gather(table, rows, generator=None):
+    """Per-example factors (and fusion states) from the stacked table: rows [b] -> [b, ...]; from an instance
+    table (`adapters.InstanceAdapters`), generated here, inside the compiled step, by `generator` (the TAGI
+    model) from the rows' own instructions."""
     if table is None:
         return None, None, None
+    if "instance_tokens" in table:
+        adapters, states, mask = tagi_lib.generate_adapters(generator, table["generator"],
+                                                            table["instance_tokens"][rows])
+        return (adapters, None, None) if model_fusion(generator) == "none" else (adapters, states, mask)
     adapters = {t: {"A": e["A"][rows], "B": e["B"][rows], "scale": e["scale"]} for t, e in table["adapters"].items()}
     states = table["states"][rows] if "states" in table else None
     mask = table["mask"][rows] if "mask" in table else None
@@ -171,8 +178,8 @@ def _fusion_inputs(fusion, states, mask, kv, kv_rows) -> dict:
 
 
 def _predict_fn(t5_params, table, kv, rows, kv_rows, encoder_tokens, *, t5_config, fusion, max_decode_len,
-                beam_size, alpha, length_penalty_style, eos_id, decoder_start_token_id):
-    adapters, states, mask = _gather(table, rows)
+                beam_size, alpha, length_penalty_style, eos_id, decoder_start_token_id, generator):
+    adapters, states, mask = _gather(table, rows, generator)
     tokens, _ = predict_lib.predict(
         T5(t5_config), t5_params, encoder_tokens, adapters=adapters, max_decode_len=max_decode_len,
         beam_size=beam_size, alpha=alpha, eos_id=eos_id, decoder_start_token_id=decoder_start_token_id,
@@ -181,8 +188,8 @@ def _predict_fn(t5_params, table, kv, rows, kv_rows, encoder_tokens, *, t5_confi
 
 
 def _score_fn(t5_params, table, kv, rows, kv_rows, encoder_tokens, decoder_inputs, decoder_targets, *, t5_config,
-              fusion):
-    adapters, states, mask = _gather(table, rows)
+              fusion, generator):
+    adapters, states, mask = _gather(table, rows, generator)
     s = predict_lib.score_targets(T5(t5_config), t5_params, encoder_tokens, decoder_inputs, decoder_targets,
                                   adapters=adapters, **_fusion_inputs(fusion, states, mask, kv, kv_rows))
     return s.sum, s.mean
@@ -208,11 +215,17 @@ def _batches(table, t5_params, t5_config, fusion, rows: np.ndarray, bs: int):
             yield idx, kv, rows[idx] - first, seconds if start == 0 else 0.0, compile_seconds if start == 0 else 0.0
 
 
+def _generator(model, table_tree):
+    """The model a compiled step generates adapters with (static): only for an instance table."""
+    return model if table_tree is not None and "instance_tokens" in table_tree else None
+
+
 def decode_tokens(model, params, table_tree, rows, encoder_tokens, *, vocab, batch_size: int,
                   max_decode_len: int = 128, beam_size: int = 1, alpha: float = 0.6,
                   length_penalty_style: str = "t5x") -> tuple[np.ndarray, float, float]:
     """Generated tokens [n, max_decode_len] for encoder tokens [n, len], example i using adapter row rows[i]
-    of `table_tree` (`AdapterTable.device_tree()`, or None for no adapters); batches padded to one shape.
+    of `table_tree` (`AdapterTable.device_tree()` or `InstanceAdapters.device_tree()`, or None for no adapters);
+    batches padded to one shape.
 
     Returns (tokens, decoding seconds, compile seconds)."""
     if batch_size < 1:
@@ -222,7 +235,8 @@ def decode_tokens(model, params, table_tree, rows, encoder_tokens, *, vocab, bat
     t5_config = model.config.t5
     static = dict(t5_config=t5_config, fusion=model_fusion(model), max_decode_len=int(max_decode_len),
                   beam_size=int(beam_size), alpha=float(alpha), length_penalty_style=length_penalty_style,
-                  eos_id=int(vocab.eos_id), decoder_start_token_id=int(t5_config.decoder_start_token_id))
+                  eos_id=int(vocab.eos_id), decoder_start_token_id=int(t5_config.decoder_start_token_id),
+                  generator=_generator(model, table_tree))
     t5_params = params["t5"]
     bs = bucket(n_total, batch_size)
     out = np.zeros((n_total, int(max_decode_len)), np.int32)
@@ -253,7 +267,7 @@ def score_tokens(model, params, table_tree, rows, encoder_tokens, decoder_inputs
     total = np.zeros(n_total, np.float64)
     mean = np.zeros(n_total, np.float64)
     seconds = compile_seconds = 0.0
-    static = {"t5_config": model.config.t5, "fusion": model_fusion(model)}
+    static = {"t5_config": model.config.t5, "fusion": model_fusion(model), "generator": _generator(model, table_tree)}
     for idx, kv, kv_rows, kv_s, kv_c in _batches(table_tree, t5_params, model.config.t5, static["fusion"], rows, bs):
         n = len(idx)
         args = (t5_params, table_tree, kv, pad_rows(rows[idx], bs), pad_rows(kv_rows, bs),

@@ -19,6 +19,10 @@ from tagi_jax.models.t5_config import DictConfig, T5Config
 from tagi_jax.models.teachers import TeacherTable
 
 FUSIONS = ("prepend", "encoder_cross_attention", "none")
+# What the hypernetwork reads: each task's instruction ("task": one adapter per task, generated once and cached
+# at evaluation) or each example's own text ("instance", IAG: one adapter per example, generated inside the
+# compiled evaluation step). Training generates per example either way.
+INSTRUCTION_SOURCES = ("task", "instance")
 
 Batch = Mapping[str, jax.Array]
 # (adapters, instruction_states [b, n, d_model], instruction_mask [b, n]) from `generate_adapters`.
@@ -36,10 +40,14 @@ class TAGIConfig(DictConfig):
     teacher_rank: int = 32
     teacher_alpha: float = 32.0      # teacher scale = teacher_alpha / teacher_rank
     separate_hyper_encoder: bool = False  # own T5 encoder for instructions instead of the backbone's
+    instruction_source: str = "task"  # INSTRUCTION_SOURCES
 
     def __post_init__(self):
         if self.fusion not in FUSIONS:
             raise ValueError(f"tagi.fusion: {self.fusion!r} is not one of {FUSIONS}")
+        if self.instruction_source not in INSTRUCTION_SOURCES:
+            raise ValueError(f"tagi.instruction_source: {self.instruction_source!r} is not one of "
+                             f"{INSTRUCTION_SOURCES}")
         if self.num_teachers < 0:
             raise ValueError(f"tagi.num_teachers must be >= 0, got {self.num_teachers}")
         if self.teacher_rank <= 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import jax
 from ml_collections import config_dict
 
 from tagi_jax import features as F
@@ -17,7 +18,7 @@ from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.models.tagi import FUSIONS
 from tagi_jax.models import quantize
 from tagi_jax.models.hypernet import HyperNetConfig
-from tagi_jax.models.t5_config import T5Config
+from tagi_jax.models.t5_config import ATTENTIONS, T5Config
 from tagi_jax.run.stages import (BACKBONE_POLICIES, DEFAULT_INIT_FROM, METHODS, STAGES, section_names,
                                   stage_trainer_config)
 from tagi_jax.trainer import config as trainer_config
@@ -56,6 +57,9 @@ def default_config() -> config_dict.ConfigDict:
         # What the TAGI stages (pretrain, finetune) train of the backbone: "none" (the paper), "norms_embeddings"
         # (the original code: RMS-norm scales and the shared embedding) or "all" (tagi_jax.run.stages).
         "train_backbone": "all",
+        # "task": the hypernetwork reads each task's instruction (TAGI); "instance": each example's own
+        # hyper_inputs (IAG: the question), so evaluation generates one adapter per example inside the step.
+        "instruction_source": "task",
     })
     c.data = config_dict.ConfigDict({
         "benchmark": "synthetic",
@@ -113,6 +117,13 @@ def default_config() -> config_dict.ConfigDict:
     return c
 
 
+def with_run_compute(config: config_dict.ConfigDict, backbone: T5Config) -> T5Config:
+    """An imported backbone's architecture with the run's compute settings (dtype, dropout, rematerialisation,
+    attention implementation): the checkpoint says what the model is, the config how to run it."""
+    return backbone.replace(dtype=config.model.dtype, dropout_rate=config.model.dropout_rate,
+                            remat_policy=config.model.remat_policy, attention=config.model.attention)
+
+
 def tagi_config(config: config_dict.ConfigDict, num_teachers: int, t5: T5Config | None = None
                 ) -> tagi_lib.TAGIConfig:
     """The model config: backbone (`t5`, e.g. read from an imported checkpoint, else `config.model`),
@@ -128,7 +139,8 @@ def tagi_config(config: config_dict.ConfigDict, num_teachers: int, t5: T5Config 
         return tagi_lib.TAGIConfig(
             t5=t5, hypernet=hyper, fusion=config.tagi.fusion, num_teachers=num_teachers,
             teacher_rank=config.tagi.teacher_rank, teacher_alpha=config.tagi.teacher_alpha,
-            separate_hyper_encoder=config.tagi.separate_hyper_encoder)
+            separate_hyper_encoder=config.tagi.separate_hyper_encoder,
+            instruction_source=config.tagi.instruction_source)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config key 'hypernet'/'tagi': {e}") from None
 
@@ -146,8 +158,10 @@ def validate(config: config_dict.ConfigDict) -> None:
             raise ConfigError(f"config key 'pipeline.evaluate': unknown method {m!r} (known: {tuple(METHODS)})")
     require_choice(config, "tagi.teachers_per", ("task", "category"))
     require_choice(config, "tagi.fusion", FUSIONS)
+    require_choice(config, "tagi.instruction_source", tagi_lib.INSTRUCTION_SOURCES)
     require_choice(config, "tagi.train_backbone", BACKBONE_POLICIES)
     require_choice(config, "model.backbone_weights", quantize.BACKBONE_WEIGHTS)
+    _validate_attention(config)
     _validate_data_paths(config)
     _validate_sizes(config)
     require_choice(config, "loss.alignment", ("delta", "factor"))
@@ -170,6 +184,22 @@ def validate(config: config_dict.ConfigDict) -> None:
         trainer_config.validate_trainer_config(stage_trainer_config(config, s), section_names=section_names(s))
     if not config.model.checkpoint:
         tagi_config(config, num_teachers=1)  # model settings are checked by the dataclasses
+
+
+def _validate_attention(config) -> None:
+    """`jax.nn.dot_product_attention` has no dropout on the attention weights, and cuDNN's kernel needs a GPU and
+    16-bit compute: found at load time rather than as a silently different model or a kernel error."""
+    attention = require_choice(config, "model.attention", ATTENTIONS)
+    if attention != "einsum" and config.model.dropout_rate > 0:
+        raise ConfigError(f"config key 'model.attention' is {attention!r}, which has no attention dropout, but "
+                          f"'model.dropout_rate' is {config.model.dropout_rate}; set it to 0 or use 'einsum'")
+    if attention == "cudnn":
+        if config.model.dtype not in ("bfloat16", "float16"):
+            raise ConfigError(f"config key 'model.attention' is 'cudnn', which needs 'model.dtype' bfloat16 or "
+                              f"float16, not {config.model.dtype!r}")
+        if jax.default_backend() != "gpu":
+            raise ConfigError(f"config key 'model.attention' is 'cudnn' (a GPU kernel) but JAX runs on "
+                              f"{jax.default_backend()!r}; use 'xla' or 'einsum'")
 
 
 def _validate_sizes(config) -> None:
