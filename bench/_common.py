@@ -60,14 +60,9 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 def parse_settings(settings_cls: type, description: str, argv=None) -> tuple[Any, argparse.Namespace]:
-    """The `Settings` dataclass from the command line, one flag per field (booleans as --x/--no-x); a bad
-    value (argparse's or the dataclass's ValueError) is one `error:` line and exit status 2."""
-    parser = OneLineArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for field in dataclasses.fields(settings_cls):
-        if field.type in ("bool", bool):
-            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=field.default)
-        else:
-            parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
+    """The `Settings` dataclass from the command line (`settings_parser`'s flags); a bad value (argparse's or
+    the dataclass's ValueError) is one `error:` line and exit status 2."""
+    parser = settings_parser(settings_cls, description, parser_cls=OneLineArgumentParser)
     args = parser.parse_args(argv)
     try:
         return settings_cls(**vars(args)), args
@@ -75,9 +70,10 @@ def parse_settings(settings_cls: type, description: str, argv=None) -> tuple[Any
         parser.error(str(e))
 
 
-def settings_parser(settings_cls: type, description: str) -> "argparse.ArgumentParser":
+def settings_parser(settings_cls: type, description: str,
+                    parser_cls: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
     """An argument parser with one flag per field of the `Settings` dataclass (booleans as --x/--no-x)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser_cls(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = settings_cls()
     for field in dataclasses.fields(settings_cls):
         if field.type in ("bool", bool):

@@ -306,12 +306,20 @@ def build_lora(s: Shapes, settings, batch) -> Pair:
     return Pair("lora", ours, _torch_side(T, loss, hf.parameters(), settings), pairs)
 
 
+def perturbed_finetune_params(model_cfg: tagi_lib.TAGIConfig, seed: int) -> dict:
+    """`finetune_params` with the student's generator B heads and the teachers' B rows perturbed (so the
+    generated and teacher updates are non-zero): the TAGI step's weights in bench/train_step.py and
+    bench/speed_levers.py."""
+    params = finetune_params(model_cfg, seed)
+    params["student"]["hypernet"] = perturb_b_factors(params["student"]["hypernet"], seed + 1)
+    params["teacher"]["teachers"] = perturb_b_factors(params["teacher"]["teachers"], seed + 2)
+    return params
+
+
 def build_tagi(s: Shapes, settings, batch) -> Pair:
     torch, T = torch_modules(settings)
     model_cfg = tagi_config(s, settings.head, s.tasks)
-    params = finetune_params(model_cfg, settings.seed)
-    params["student"]["hypernet"] = perturb_b_factors(params["student"]["hypernet"], settings.seed + 1)
-    params["teacher"]["teachers"] = perturb_b_factors(params["teacher"]["teachers"], settings.seed + 2)
+    params = perturbed_finetune_params(model_cfg, settings.seed)
     run_cfg = defaults.default_config()
     loss_fn = objectives.make_loss_fn("finetune", run_cfg, tagi_lib.TAGI(model_cfg), np.arange(s.tasks))
     ours = JaxStep(loss_fn, params, stages.frozen_patterns("finetune", "all"), batch, settings)

@@ -176,18 +176,16 @@ def register_qa(
     if not os.path.isdir(qa_dir):
         raise FileNotFoundError(f"QA: directory not found: {qa_dir}")
 
-    todo = [(d, s) for d in names for s in QA_DATASETS[d] if s in wanted]
+    todo = [(d, s, qa_file(qa_dir, d, s)) for d in names for s in QA_DATASETS[d] if s in wanted]
     if not todo:
         raise ValueError(f"register_qa: none of {names} has any of the splits {list(wanted)}")
-    for dataset, split in todo:
-        path = qa_file(qa_dir, dataset, split)
+    for dataset, split, path in todo:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"QA: {dataset} {split} file not found: {path}")
 
     registered = []
-    for dataset, split in todo:
+    for dataset, split, path in todo:
         task_name = seqio_task_name(dataset, split, prefix)
-        path = qa_file(qa_dir, dataset, split)
 
         def examples_fn(requested, _path=path, _name=task_name):
             return build_examples(read_qa_file(_path, max_examples), _name,

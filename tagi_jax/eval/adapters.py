@@ -16,7 +16,7 @@ import numpy as np
 from flax import traverse_util
 
 from tagi_jax import features as F
-from tagi_jax.eval.decode import bucket, compiled, model_fusion, pad_rows, tokenize
+from tagi_jax.eval.decode import bucket, compiled, model_fusion, pad_rows, padded_rows, tokenize
 from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.run.stages import check_method
 
@@ -177,9 +177,8 @@ class AdapterTable:
     def device_tree(self) -> dict:
         """The table as the compiled functions take it: rows padded (repeating the last) to a power of two
         >= 8, so tables of similar size share one compiled function."""
-        n = len(self.index)
-        size = max(8, 1 << max(0, n - 1).bit_length())
-        pad = lambda x: np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)]) if size > n else x
+        size = padded_rows(len(self.index))
+        pad = lambda x: pad_rows(x, size)  # noqa: E731
         tree = {"adapters": {t: {"A": pad(e["A"]), "B": pad(e["B"]), "scale": e["scale"]}
                              for t, e in self.adapters.items()}}
         if self.states is not None:
@@ -317,9 +316,8 @@ class InstanceAdapters:
     compile_seconds: float = 0.0
 
     def device_tree(self) -> dict:
-        n = len(self.tokens)
-        size = max(8, 1 << max(0, n - 1).bit_length())  # as AdapterTable.device_tree: few compiled shapes
-        return {"instance_tokens": pad_rows(self.tokens, size), "generator": self.generator_params}
+        return {"instance_tokens": pad_rows(self.tokens, padded_rows(len(self.tokens))),
+                "generator": self.generator_params}
 
 
 def instance_adapters(model, params, instructions: Sequence[str], vocab, hyper_len: int,

@@ -93,10 +93,16 @@ def model_fusion(model) -> str:
     return getattr(model.config, "fusion", "none")
 
 
+def padded_rows(n: int) -> int:
+    """The next power of two >= max(n, 8): the row count tables and batches are padded to (few shapes, so
+    few compilations)."""
+    return max(8, 1 << max(0, n - 1).bit_length())
+
+
 def bucket(n: int, batch_size: int) -> int:
-    """The batch shape for n rows: batch_size, or the next power of two >= 8 when n is smaller (few shapes,
-    so few compilations, without computing a full batch for a handful of rows)."""
-    return min(batch_size, max(8, 1 << max(0, n - 1).bit_length()))
+    """The batch shape for n rows: batch_size, or `padded_rows(n)` when n is smaller (without computing a full
+    batch for a handful of rows)."""
+    return min(batch_size, padded_rows(n))
 
 
 def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
@@ -158,7 +164,7 @@ def _table_kv(t5_params, table, group: tuple[int, int], t5_config, length: int) 
     """(the group's per-task keys/values on the device, seconds, compile seconds); rows padded to a power of
     two >= 8 (repeating the last), as `AdapterTable.device_tree` pads the table."""
     first, end = group
-    size = max(8, 1 << max(0, end - first - 1).bit_length())
+    size = padded_rows(end - first)
     take = lambda x: pad_rows(np.asarray(x)[first:end], size)
     sub = {"adapters": {t: {"A": take(e["A"]), "B": take(e["B"]), "scale": e["scale"]}
                         for t, e in table["adapters"].items()},
