@@ -279,7 +279,8 @@ class TAGIPredictor:
         enc, tree = self._prepare(inputs, adapter, format_inputs, "predict")
         tokens, _, _ = decode_tokens(
             self.model, self.params, tree, None, enc, vocab=self.vocab, batch_size=self.batch_size,
-            max_decode_len=max_decode_len or self.max_decode_len, beam_size=beam_size)
+            max_decode_len=max_decode_len or self.max_decode_len, beam_size=beam_size,
+            passages=check_method(self.method).encoder_input == F.FULL_INPUTS)
         return detokenize(self.vocab, tokens)
 
     def score(self, inputs: Sequence[str], choices: Sequence[Sequence[str]], adapter: TaskAdapter | None = None,
@@ -299,7 +300,8 @@ class TAGIPredictor:
         targets, _ = tokenize(self.vocab, flat, self.lengths[F.TARGETS])
         dec = shift_right(targets, int(self.model.config.t5.decoder_start_token_id))
         total, mean, _, _ = score_tokens(self.model, self.params, tree, None, enc[owner], dec, targets,
-                                                    batch_size=self.batch_size)
+                                         batch_size=self.batch_size,
+                                         passages=check_method(self.method).encoder_input == F.FULL_INPUTS)
         values = mean if length_normalize else total
         out: list[list[float]] = [[] for _ in inputs]
         for i, v in zip(owner.tolist(), values.tolist()):

@@ -7,6 +7,8 @@ String features (what SeqIO tasks produce):
   targets       the answer the model is trained on
   task_name     the task's name (teacher lookup, per-task metrics)
 Evaluation examples also carry `references` (every reference answer, a variable-length string list).
+A text may hold several passages (Fusion-in-Decoder) joined by PASSAGE_SEPARATOR: tokenisation ends each
+passage with EOS, so the token ids are EOS-terminated segments (`tagi_jax.models.fid.fid_layout`).
 
 Model features (what the feature converter produces, int32 token ids, 0 = padding):
   encoder_input_tokens, hyper_encoder_input_tokens, full_encoder_input_tokens,
@@ -18,6 +20,7 @@ FULL_INPUTS = "full_inputs"
 TARGETS = "targets"
 TASK_NAME = "task_name"
 REFERENCES = "references"
+PASSAGE_SEPARATOR = "\x1f"  # ASCII "unit separator": never in natural text (QA readers reject it in passages)
 
 TEXT_FEATURES = (INPUTS, HYPER_INPUTS, FULL_INPUTS, TARGETS)
 STRING_FEATURES = TEXT_FEATURES + (TASK_NAME,)

@@ -58,6 +58,27 @@ def function_source(
     return seqio.FunctionDataSource(dataset_fn=dataset_fn, splits=tuple(splits))
 
 
+def tokenize_passages(dataset: tf.data.Dataset, output_features, features: Sequence[str] = F.TEXT_FEATURES
+                      ) -> tf.data.Dataset:
+    """After `tokenize` and `append_eos`: each of `features` re-tokenised passage by passage from its
+    `<feature>_pretokenized` copy (split at `PASSAGE_SEPARATOR`), every passage ending with EOS, so the ids are
+    EOS-terminated segments (`tagi_jax.models.fid.fid_layout`); a text without the separator is unchanged."""
+    def encode_features(ex):
+        out = dict(ex)
+        for name in features:
+            vocab = output_features[name].vocabulary
+            eos = tf.constant([vocab.eos_id], tf.int32)
+
+            def encode(text, vocab=vocab, eos=eos):
+                return tf.concat([tf.cast(vocab.encode_tf(text), tf.int32), eos], 0)
+
+            parts = tf.strings.split(ex[f"{name}_pretokenized"], F.PASSAGE_SEPARATOR)
+            out[name] = tf.map_fn(encode, parts, fn_output_signature=tf.RaggedTensorSpec([None], tf.int32, 0)
+                                  ).flat_values
+        return out
+    return dataset.map(encode_features, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def register_task(
     name: str,
     source: seqio.DataSource,
@@ -65,14 +86,17 @@ def register_task(
     preprocessors: Sequence[Callable] = (),
     metric_fns: Sequence[Callable] = (),
     postprocess_fn: Callable | None = None,
+    passages: bool = False,
 ) -> seqio.Task:
-    """Register (or re-register) a task whose examples already hold the string features."""
+    """Register (or re-register) a task whose examples already hold the string features; with `passages`, texts
+    may hold several passages (`tokenize_passages`)."""
     if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
     return seqio.TaskRegistry.add(
         name,
         source=source,
-        preprocessors=list(preprocessors) + [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+        preprocessors=list(preprocessors) + [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos]
+        + ([tokenize_passages] if passages else []),
         output_features=output_features(vocabulary),
         postprocess_fn=postprocess_fn,
         metric_fns=list(metric_fns),

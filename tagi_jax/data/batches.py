@@ -13,9 +13,10 @@ from ml_collections import config_dict
 
 from tagi_jax import features as F
 from tagi_jax.data.feature_converter import TagiFeatureConverter, get_model_dataset, to_numpy_batches
+from tasks.common import tokenize_passages
 
 CATEGORY = "category"  # the evaluation example field holding its task's category
-_TOKENIZE_ONLY = (seqio.preprocessors.tokenize, seqio.preprocessors.append_eos)
+_TOKENIZE_ONLY = (seqio.preprocessors.tokenize, seqio.preprocessors.append_eos, tokenize_passages)
 
 
 def task_lengths(data_cfg: config_dict.ConfigDict) -> dict[str, int]:

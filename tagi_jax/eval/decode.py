@@ -15,19 +15,24 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from tagi_jax.features import PASSAGE_SEPARATOR
 from tagi_jax.models import predict as predict_lib
+from tagi_jax.models.fid import FiDT5, fid_layout
 from tagi_jax.models.t5 import T5
 from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.models.tagi import fusion_kwargs
 
 
 def tokenize(vocab, texts: Sequence[str], length: int, eos_id: int | None = None) -> tuple[np.ndarray, int]:
-    """([len(texts), length] int32 tokens, number of texts that had to be truncated)."""
+    """([len(texts), length] int32 tokens, number of texts that had to be truncated). A text holding
+    `PASSAGE_SEPARATOR` is tokenised passage by passage, each ending with EOS, as the data pipeline does."""
     eos = int(vocab.eos_id if eos_id is None else eos_id)
     out = np.zeros((len(texts), length), np.int32)
     truncated = 0
     for i, text in enumerate(texts):
-        ids = list(vocab.encode(text))
+        ids = []
+        for k, passage in enumerate(text.split(PASSAGE_SEPARATOR)):
+            ids += ([eos] if k else []) + list(vocab.encode(passage))
         if len(ids) + 1 > length:
             truncated += 1
             ids = ids[: length - 1]
@@ -183,20 +188,35 @@ def _fusion_inputs(fusion, states, mask, kv, kv_rows) -> dict:
             "extra_encoder_mask": kv["mask"][kv_rows]}
 
 
+def _backbone(t5_config, fid_passages: int) -> T5:
+    """The T5 a compiled step runs: the Fusion-in-Decoder view over `fid_passages` slots, or the plain one."""
+    return FiDT5(t5_config, n_passages=fid_passages) if fid_passages else T5(t5_config)
+
+
+def fid_inputs(model, encoder_tokens: np.ndarray, passages: bool) -> tuple[np.ndarray, int]:
+    """(encoder tokens, FiD slots): for a model with `fid_passages` reading passages (full inputs), the tokens
+    laid out in its fixed passage slots (`fid_layout`); else unchanged and 0."""
+    n = int(getattr(model.config, "fid_passages", 0) or 0)
+    if not (passages and n):
+        return encoder_tokens, 0
+    laid = fid_layout(encoder_tokens, n, int(model.config.fid_passage_length), int(model.config.t5.eos_token_id))
+    return np.asarray(laid), n
+
+
 def _predict_fn(t5_params, table, kv, rows, kv_rows, encoder_tokens, *, t5_config, fusion, max_decode_len,
-                beam_size, alpha, length_penalty_style, eos_id, decoder_start_token_id, generator):
+                beam_size, alpha, length_penalty_style, eos_id, decoder_start_token_id, generator, fid_passages):
     adapters, states, mask = _gather(table, rows, generator)
     tokens, _ = predict_lib.predict(
-        T5(t5_config), t5_params, encoder_tokens, adapters=adapters, max_decode_len=max_decode_len,
+        _backbone(t5_config, fid_passages), t5_params, encoder_tokens, adapters=adapters, max_decode_len=max_decode_len,
         beam_size=beam_size, alpha=alpha, eos_id=eos_id, decoder_start_token_id=decoder_start_token_id,
         length_penalty_style=length_penalty_style, **_fusion_inputs(fusion, states, mask, kv, kv_rows))
     return tokens
 
 
 def _score_fn(t5_params, table, kv, rows, kv_rows, encoder_tokens, decoder_inputs, decoder_targets, *, t5_config,
-              fusion, generator):
+              fusion, generator, fid_passages):
     adapters, states, mask = _gather(table, rows, generator)
-    s = predict_lib.score_targets(T5(t5_config), t5_params, encoder_tokens, decoder_inputs, decoder_targets,
+    s = predict_lib.score_targets(_backbone(t5_config, fid_passages), t5_params, encoder_tokens, decoder_inputs, decoder_targets,
                                   adapters=adapters, **_fusion_inputs(fusion, states, mask, kv, kv_rows))
     return s.sum, s.mean
 
@@ -228,21 +248,23 @@ def _generator(model, table_tree):
 
 def decode_tokens(model, params, table_tree, rows, encoder_tokens, *, vocab, batch_size: int,
                   max_decode_len: int = 128, beam_size: int = 1, alpha: float = 0.6,
-                  length_penalty_style: str = "t5x") -> tuple[np.ndarray, float, float]:
+                  length_penalty_style: str = "t5x", passages: bool = False) -> tuple[np.ndarray, float, float]:
     """Generated tokens [n, max_decode_len] for encoder tokens [n, len], example i using adapter row rows[i]
     of `table_tree` (`AdapterTable.device_tree()` or `InstanceAdapters.device_tree()`, or None for no adapters);
-    batches padded to one shape.
+    batches padded to one shape. `passages`: the tokens are full inputs, read with Fusion-in-Decoder when the
+    model sets `fid_passages` (`fid_inputs`).
 
     Returns (tokens, decoding seconds, compile seconds)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    encoder_tokens, fid_passages = fid_inputs(model, encoder_tokens, passages)
     n_total = len(encoder_tokens)
     rows = np.zeros(n_total, np.int32) if rows is None else np.asarray(rows, np.int32)
     t5_config = model.config.t5
     static = dict(t5_config=t5_config, fusion=model_fusion(model), max_decode_len=int(max_decode_len),
                   beam_size=int(beam_size), alpha=float(alpha), length_penalty_style=length_penalty_style,
                   eos_id=int(vocab.eos_id), decoder_start_token_id=int(t5_config.decoder_start_token_id),
-                  generator=_generator(model, table_tree))
+                  generator=_generator(model, table_tree), fid_passages=fid_passages)
     t5_params = params["t5"]
     bs = bucket(n_total, batch_size)
     out = np.zeros((n_total, int(max_decode_len)), np.int32)
@@ -261,11 +283,12 @@ def decode_tokens(model, params, table_tree, rows, encoder_tokens, *, vocab, bat
 
 
 def score_tokens(model, params, table_tree, rows, encoder_tokens, decoder_inputs, decoder_targets, *,
-                 batch_size: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+                 batch_size: int, passages: bool = False) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Teacher-forced log-likelihood of each row's targets (summed, token-averaged), row i using adapter
-    rows[i]. Returns (sum [n], mean [n], seconds, compile seconds)."""
+    rows[i] (`passages` as in `decode_tokens`). Returns (sum [n], mean [n], seconds, compile seconds)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    encoder_tokens, fid_passages = fid_inputs(model, encoder_tokens, passages)
     n_total = len(encoder_tokens)
     rows = np.zeros(n_total, np.int32) if rows is None else np.asarray(rows, np.int32)
     bs = bucket(n_total, batch_size)
@@ -273,7 +296,8 @@ def score_tokens(model, params, table_tree, rows, encoder_tokens, decoder_inputs
     total = np.zeros(n_total, np.float64)
     mean = np.zeros(n_total, np.float64)
     seconds = compile_seconds = 0.0
-    static = {"t5_config": model.config.t5, "fusion": model_fusion(model), "generator": _generator(model, table_tree)}
+    static = {"t5_config": model.config.t5, "fusion": model_fusion(model), "generator": _generator(model, table_tree),
+              "fid_passages": fid_passages}
     for idx, kv, kv_rows, kv_s, kv_c in _batches(table_tree, t5_params, model.config.t5, static["fusion"], rows, bs):
         n = len(idx)
         args = (t5_params, table_tree, kv, pad_rows(rows[idx], bs), pad_rows(kv_rows, bs),

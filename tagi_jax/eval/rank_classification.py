@@ -59,7 +59,8 @@ def evaluate_rank_classification(
     dec = shift_right(targets, int(model.config.t5.decoder_start_token_id))
     tree = table.device_tree() if table is not None else None
     total, mean, seconds, compile_seconds = score_tokens(model, params, tree, rows[flat_example], enc, dec, targets,
-                                                         batch_size=batch_size)
+                                                         batch_size=batch_size,
+                                                         passages=input_key == F.FULL_INPUTS)
     scores = mean if length_normalize else total
 
     per_example_scores: list[list[float]] = [[] for _ in examples]

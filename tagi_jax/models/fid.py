@@ -136,3 +136,34 @@ def fid_predict(model: T5, params: PyTree, passage_tokens: jax.Array, *, adapter
     batch, n, length = check_passage_tokens(passage_tokens)
     return predict(fid_model(model, n), params, passage_tokens.reshape(batch, n * length), adapters=adapters,
                    max_decode_len=max_decode_len, beam_size=beam_size, **search_options)
+
+
+def fid_layout(tokens: jax.Array, n_passages: int, passage_length: int, eos_id: int = 1) -> jax.Array:
+    """Passages laid end to end as EOS-terminated segments, ``[batch, len]`` (how the data pipeline tokenises a
+    text holding `tagi_jax.features.PASSAGE_SEPARATOR`), into `FiDT5`'s fixed slots ``[batch, n_passages *
+    passage_length]``: segment k goes to slot k, right-padded with 0. A segment longer than a slot keeps its
+    first ``passage_length - 1`` tokens and EOS; segments past ``n_passages`` are dropped (a row with fewer
+    passages leaves all-padding slots, which FiD masks out)."""
+    if n_passages < 1 or passage_length < 2:
+        raise ValueError(f"fid_layout: need n_passages >= 1 and passage_length >= 2, got {n_passages}, "
+                         f"{passage_length}")
+    tokens = jnp.asarray(tokens)
+    batch, length = tokens.shape
+    is_eos = tokens == eos_id
+    segment = jnp.cumsum(is_eos, axis=1) - is_eos  # EOS tokens before each position
+    position = jnp.arange(length)
+    # Start of each position's segment: one past the last EOS strictly before it.
+    last_eos = jax.lax.cummax(jnp.where(is_eos, position, -1), axis=1)
+    start = jnp.concatenate([jnp.zeros((batch, 1), last_eos.dtype), last_eos[:, :-1] + 1], axis=1)
+    offset = position - start
+    keep = (tokens != 0) & (segment < n_passages) & (offset < passage_length)
+    width = n_passages * passage_length
+    slot = jnp.where(keep, segment * passage_length + offset, width)  # `width`: out of range, dropped
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, length))
+    out = jnp.zeros((batch, width), tokens.dtype).at[rows, slot].set(tokens, mode="drop")
+    out = out.reshape(batch, n_passages, passage_length)
+    # A cut segment lost its EOS: a full slot ends with EOS, as the feature converter truncates.
+    last = out[:, :, -1]
+    out = out.at[:, :, -1].set(jnp.where(last != 0, eos_id, 0).astype(tokens.dtype))
+    return out.reshape(batch, width)
+

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from tagi_jax import features as F
+from tagi_jax.models import fid
 from tagi_jax.models.hypernet import HyperNetConfig, HyperNetwork, masked_mean_pool
 from tagi_jax.models.t5 import T5
 from tagi_jax.models.t5_config import DictConfig, T5Config
@@ -41,6 +42,11 @@ class TAGIConfig(DictConfig):
     teacher_alpha: float = 32.0      # teacher scale = teacher_alpha / teacher_rank
     separate_hyper_encoder: bool = False  # own T5 encoder for instructions instead of the backbone's
     instruction_source: str = "task"  # INSTRUCTION_SOURCES
+    # Fusion-in-Decoder for what reads `full_encoder_input_tokens` (teachers, the concat baseline / FiD reader):
+    # up to `fid_passages` EOS-terminated passages, each encoded alone in a slot of `fid_passage_length`
+    # tokens (`tagi_jax.models.fid.fid_layout`); 0 = the plain encoder over the whole sequence.
+    fid_passages: int = 0
+    fid_passage_length: int = 0
 
     def __post_init__(self):
         if self.fusion not in FUSIONS:
@@ -48,6 +54,9 @@ class TAGIConfig(DictConfig):
         if self.instruction_source not in INSTRUCTION_SOURCES:
             raise ValueError(f"tagi.instruction_source: {self.instruction_source!r} is not one of "
                              f"{INSTRUCTION_SOURCES}")
+        if self.fid_passages < 0 or (self.fid_passages > 0) != (self.fid_passage_length >= 2):
+            raise ValueError(f"data.fid: passages ({self.fid_passages}) and passage_length "
+                             f"({self.fid_passage_length}) must both be set (>= 1 and >= 2) or both be 0")
         if self.num_teachers < 0:
             raise ValueError(f"tagi.num_teachers must be >= 0, got {self.num_teachers}")
         if self.teacher_rank <= 0:
@@ -178,10 +187,27 @@ class TAGI(nn.Module):
     def teacher_logits(self, batch: Batch, enable_dropout: bool = False) -> jax.Array:
         """The backbone with the task's teacher LoRA reading `full_encoder_input_tokens` (the paper's teacher)."""
         adapters = self.teacher_adapters(_require(batch, F.TASK_ID, "teacher"))
-        return self.t5(
+        return self.full_logits(
             _require(batch, F.FULL_ENCODER_INPUT_TOKENS, "teacher"), _require(batch, F.DECODER_INPUT_TOKENS, "teacher"),
             batch.get(F.DECODER_TARGET_TOKENS), adapters=adapters, enable_dropout=enable_dropout,
         )
+
+    def full_logits(self, tokens, decoder_input_tokens, decoder_target_tokens=None, adapters=None,
+                    enable_dropout: bool = False) -> jax.Array:
+        """The backbone on full inputs: Fusion-in-Decoder over their passages when `fid_passages` is set (each
+        passage encoded alone, the decoder attending to all), else the plain encoder-decoder."""
+        cfg = self.config
+        if not cfg.fid_passages:
+            return self.t5(tokens, decoder_input_tokens, decoder_target_tokens, adapters=adapters,
+                           enable_dropout=enable_dropout)
+        n, length = cfg.fid_passages, cfg.fid_passage_length
+        laid = fid.fid_layout(tokens, n, length, cfg.t5.eos_token_id)
+        batch = laid.shape[0]
+        encoded = self.t5.encode(laid.reshape(batch * n, length),
+                                 adapters=fid.passage_adapters(cfg.t5, adapters, batch, n),
+                                 enable_dropout=enable_dropout)
+        return self.t5.decode(encoded.reshape(batch, n * length, encoded.shape[-1]), laid, decoder_input_tokens,
+                              decoder_target_tokens, adapters=adapters, enable_dropout=enable_dropout)
 
     def backbone_logits(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                         adapters=None, enable_dropout: bool = False) -> jax.Array:
@@ -269,13 +295,16 @@ def teacher_logits(model: TAGI, params, batch: Batch, rng: Optional[jax.Array] =
                        method=TAGI.teacher_logits)
 
 
-def concat_logits(model: TAGI, params, batch: Batch, rng: Optional[jax.Array] = None, adapters=None) -> jax.Array:
+def concat_logits(model: TAGI, params, batch: Batch, rng: Optional[jax.Array] = None, adapters=None,
+                  passages: bool = True) -> jax.Array:
     """The instruction-concatenation baseline: backbone on `full_encoder_input_tokens`, no generated adapters
-    (optionally a given shared LoRA, for the LoRA variant of the baseline)."""
+    (optionally a given shared LoRA, for the LoRA variant of the baseline); a Fusion-in-Decoder reader over
+    their passages when the model sets `fid_passages` (and `passages`: False reads them as one text)."""
     return model.apply(
         {"params": params}, _require(batch, F.FULL_ENCODER_INPUT_TOKENS, "concat"),
         _require(batch, F.DECODER_INPUT_TOKENS, "concat"), batch.get(F.DECODER_TARGET_TOKENS), adapters,
-        enable_dropout=rng is not None, rngs=_rngs(rng), method=TAGI.backbone_logits)
+        enable_dropout=rng is not None, rngs=_rngs(rng),
+        method=TAGI.full_logits if passages else TAGI.backbone_logits)
 
 
 def no_instruction_logits(model: TAGI, params, batch: Batch, rng: Optional[jax.Array] = None,

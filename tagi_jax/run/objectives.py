@@ -36,7 +36,15 @@ def _teacher_rows(table: jax.Array | None):
 
 
 def _backbone_ce(config, model, rows) -> LossFn:
-    """The `backbone` and `concat` stages: the plain backbone on `full_inputs`."""
+    """The `backbone` stage: the plain backbone on the pretraining text's `full_inputs` (one text, never
+    passages: no Fusion-in-Decoder)."""
+    def loss_fn(params, batch, rng):
+        return _ce(config, tagi_lib.concat_logits(model, params, batch, rng, passages=False), batch)
+    return loss_fn
+
+
+def _concat_ce(config, model, rows) -> LossFn:
+    """The `concat` stage: the backbone on `full_inputs` (with `data.fid`, the Fusion-in-Decoder reader)."""
     def loss_fn(params, batch, rng):
         return _ce(config, tagi_lib.concat_logits(model, params, batch, rng), batch)
     return loss_fn
@@ -156,7 +164,7 @@ def term_gradient_norms(config, model, rows) -> LossFn:
 
 OBJECTIVES = {
     "backbone": _backbone_ce,
-    "concat": _backbone_ce,
+    "concat": _concat_ce,
     "no_instruction": _no_instruction_ce,
     "teachers": _teachers_ce,
     "pretrain": _student_ce,
