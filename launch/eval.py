@@ -1,4 +1,4 @@
-"""Evaluate a trained model: `python launch/eval.py --workdir=DIR [--method=tagi] [--benchmark=synthetic|sni|p3]`.
+"""Evaluate a trained model: `python launch/eval.py --workdir=DIR [--method=tagi] [--benchmark=synthetic|sni|p3|qa|synthetic_qa]`.
 
 Any method of a pipeline work directory (tagi, hint, concat, no_instruction) on the synthetic suite (unseen and
 seen tasks), Super-NaturalInstructions (the split's test tasks; greedy decoding up to 128 tokens, ROUGE-L and
@@ -44,7 +44,7 @@ def define_flags(argv) -> flags.FlagValues:
     string, integer = (functools.partial(f, flag_values=fv) for f in (flags.DEFINE_string, flags.DEFINE_integer))
     string("workdir", None, "A pipeline work directory (launch/train.py --workdir).")
     string("method", "tagi", "tagi, hint, concat, no_instruction, or a comma-separated list.")
-    string("benchmark", None, "synthetic, sni or p3 (default: the config's data.benchmark).")
+    string("benchmark", None, "synthetic, sni, p3, qa or synthetic_qa (default: the config's data.benchmark).")
     flags.DEFINE_list("tasks", None, "Only these task names (default: every task of the benchmark).", flag_values=fv)
     integer("max_examples_per_task", None, "Default: config eval.max_examples_per_task.", lower_bound=1)
     integer("batch_size", None, "Default: config eval.batch_size.", lower_bound=1)

@@ -16,6 +16,7 @@ TRAIN, VALIDATION, TEST = "train", "validation", "test"
 SPLITS = (TRAIN, VALIDATION, TEST)
 EVAL_SPLITS = (VALIDATION, TEST)
 INPUT_PREFIX = "question: "  # FiD's input format
+CONTEXT_PREFIX = "context: "
 
 # dataset -> {split: file relative to the qa directory}; see shared/data/qa/README.md for what each file is.
 QA_DATASETS: dict[str, dict[str, str]] = {
@@ -128,18 +129,68 @@ def seqio_task_name(dataset: str, split: str, prefix: str = "qa") -> str:
 #   targets       the first answer (training and evaluation)
 #   task_name     `<prefix>_<dataset>_<split>`
 #   references    evaluation splits only: every answer (EM is the max over them)
-def build_examples(rows: Sequence[Mapping], task_name: str, with_references: bool) -> list[dict]:
-    """The example dicts of validated rows (see `read_qa_file`)."""
+#
+# With passages (Fusion-in-Decoder: retrieved or "imagined" documents), full_inputs holds one
+# "question: <q> context: <passage>" text per passage joined by F.PASSAGE_SEPARATOR, each encoded alone by the
+# FiD teacher; with an imagined document for the student, inputs is "question: <q> context: <document>".
+def qa_example(question: str, answers: Sequence[str], task_name: str, with_references: bool,
+               passages: Sequence[str] = (), student_document: str | None = None) -> dict:
+    """One example's string features (see above)."""
+    text = INPUT_PREFIX + question
+    full = F.PASSAGE_SEPARATOR.join(f"{text} {CONTEXT_PREFIX}{p}" for p in passages) if passages else text
+    ex = {F.INPUTS: f"{text} {CONTEXT_PREFIX}{student_document}" if student_document else text,
+          F.HYPER_INPUTS: question, F.FULL_INPUTS: full, F.TARGETS: answers[0], F.TASK_NAME: task_name}
+    if with_references:
+        ex[F.REFERENCES] = list(answers)
+    return ex
+
+
+def build_examples(rows: Sequence[Mapping], task_name: str, with_references: bool,
+                   passages: Mapping[str, Sequence[str]] | None = None, num_passages: int = 0,
+                   imagined: Mapping[str, Sequence[str]] | None = None, where: str = "") -> list[dict]:
+    """The example dicts of validated rows (see `read_qa_file`); `passages` / `imagined` map questions to their
+    documents (`read_passages_file`): the first `num_passages` of each go to full_inputs, the first imagined
+    one to inputs. A question missing from a given map raises QAFormatError naming `where` and the question."""
+    def lookup(table, question, what):
+        if question not in table:
+            raise QAFormatError(f"{what}: no entry for question {question!r} of {where or task_name}")
+        return table[question]
+
     examples = []
     for row in rows:
-        question, answers = row["question"], list(row["answer"])
-        text = INPUT_PREFIX + question
-        ex = {F.INPUTS: text, F.HYPER_INPUTS: question, F.FULL_INPUTS: text, F.TARGETS: answers[0],
-              F.TASK_NAME: task_name}
-        if with_references:
-            ex[F.REFERENCES] = answers
-        examples.append(ex)
+        question = row["question"]
+        found = lookup(passages, question, "passages file")[:num_passages] if passages is not None else ()
+        document = lookup(imagined, question, "imagined documents file")[0] if imagined is not None else None
+        examples.append(qa_example(question, row["answer"], task_name, with_references, found, document))
     return examples
+
+
+def read_passages_file(path: str) -> dict[str, list[str]]:
+    """{question: [passage, ...]} from JSON Lines rows `{"question": str, "passages": [str, ...]}` (retrieved or
+    generated documents, best first). Strict, like `read_qa_file`; a question listed twice or a passage holding
+    the passage separator (ASCII 0x1f) raises QAFormatError naming the line."""
+    table: dict[str, list[str]] = {}
+    first_line: dict[str, str] = {}
+    for where, record in _records(path):
+        if not isinstance(record, dict):
+            raise QAFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if "question" not in record:
+            raise _bad(where, "question", "missing")
+        _check_text(record["question"], where, "question")
+        passages = record.get("passages")
+        if not isinstance(passages, list) or not passages:
+            raise _bad(where, "passages", "must be a non-empty list of strings")
+        for i, p in enumerate(passages):
+            _check_text(p, where, f"passages[{i}]")
+            if F.PASSAGE_SEPARATOR in p:
+                raise _bad(where, f"passages[{i}]", "holds the passage separator character 0x1f")
+        question = record["question"]
+        if question in table:
+            raise _bad(where, "question", f"listed twice (first at {first_line[question]})")
+        table[question], first_line[question] = list(passages), where
+    if not table:
+        raise QAFormatError(f"{path}: no rows")
+    return table
 
 
 # ---------------------------------------------------------------------------------- registration
@@ -196,3 +247,41 @@ def register_qa(
         registered.append(task_name)
     logging.info("QA: registered %d tasks from %s", len(registered), qa_dir)
     return registered
+
+
+def register_qa_run(
+    vocabulary,
+    *,
+    train_file: str | None,
+    eval_file: str,
+    dataset: str,
+    eval_split: str,
+    passages_file: str = "",
+    num_passages: int = 0,
+    imagined_file: str = "",
+    max_train_examples: int | None = None,
+    max_eval_examples: int | None = None,
+    prefix: str = "qa",
+) -> tuple[str | None, str]:
+    """The pipeline's two QA tasks, (`<prefix>_<dataset>_train` or None, `<prefix>_<dataset>_<eval_split>`):
+    training rows from `train_file`, evaluation rows (with references) from `eval_file`; with `passages_file`
+    the FiD reader's full_inputs hold each question's first `num_passages` passages, with `imagined_file` the
+    student's inputs hold its first imagined document. Files are read when the data is (strictly)."""
+    tables: dict[str, dict] = {}
+
+    def table(path):  # each passages file read once, when first needed
+        if path and path not in tables:
+            tables[path] = read_passages_file(path)
+        return tables.get(path) if path else None
+
+    def make(path, name, split, limit):
+        def examples_fn(requested):
+            return build_examples(read_qa_file(path, limit), name, requested in EVAL_SPLITS,
+                                  passages=table(passages_file), num_passages=num_passages,
+                                  imagined=table(imagined_file), where=path)
+        register_task(name, function_source(examples_fn, splits=(split,), eval_splits=EVAL_SPLITS), vocabulary,
+                      passages=True)
+        return name
+
+    train = make(train_file, seqio_task_name(dataset, TRAIN, prefix), TRAIN, max_train_examples) if train_file else None
+    return train, make(eval_file, seqio_task_name(dataset, eval_split, prefix), eval_split, max_eval_examples)

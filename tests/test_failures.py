@@ -179,6 +179,11 @@ BAD_TRAIN_OVERRIDES = [
      "'model.attention' is 'xla', which has no attention dropout, but 'model.dropout_rate' is 0.1"),
     ("--config.model.attention=cudnn", "'model.attention' is 'cudnn', which needs 'model.dtype' bfloat16"),
     (("--config.model.attention=cudnn", "--config.model.dtype=bfloat16"), "'cudnn' (a GPU kernel) but JAX runs"),
+    (("--config.data.benchmark=synthetic_qa", "--config.data.qa.num_passages=2"),
+     "'data.qa.passage_length' must be >= 2"),
+    (("--config.data.benchmark=qa", "--config.data.vocabulary=byte", "--config.data.qa.dir=/no/such/qa"),
+     "'data.qa.dir': path does not exist"),
+    ("--config.tagi.train_backbone=ffn", "'tagi.train_backbone' is 'ffn'; choose one of"),
 ]
 
 

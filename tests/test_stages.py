@@ -49,10 +49,12 @@ def expected_trainable(path: str, policy: str) -> bool:
         return False  # the paper: the LLM stays frozen
     if policy == "norms_embeddings":
         return bool(NORM_OR_EMBEDDING.search(inner))  # the original code: norms and the shared embedding
+    if policy == "ffn_norms_embeddings":  # IAG's code: also the feed-forward blocks (wi_0, wi_1, wo)
+        return bool(NORM_OR_EMBEDDING.search(inner) or re.search(r"layers_\d+/mlp/w(i|i_0|i_1|o)/kernel$", inner))
     return True
 
 
-@pytest.mark.parametrize("policy", ["none", "norms_embeddings", "all"])
+@pytest.mark.parametrize("policy", ["none", "norms_embeddings", "ffn_norms_embeddings", "all"])
 def test_finetune_trains_what_the_policy_says(policy, tmp_path):
     config = _tiny(train_backbone=policy)
     run_defaults.validate(config)

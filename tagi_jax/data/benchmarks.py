@@ -1,8 +1,9 @@
 """One registration of a benchmark's SeqIO tasks from `config.data`: `register_benchmark` returns the `Benchmark`
 that training (mixtures, task ids, categories) and evaluation (splits, protocol) both read.
 
-Benchmarks (`data.benchmark`): the synthetic suite, Super-NaturalInstructions and P3 (T0's training datasets,
-rank classification on its held-out sets), each a function in `_REGISTER`. Nothing is registered at import time.
+Benchmarks (`data.benchmark`): the synthetic suite, Super-NaturalInstructions, P3 (T0's training datasets,
+rank classification on its held-out sets) and open-domain QA (`qa`, `synthetic_qa`: tagi_jax.data.qa_benchmarks),
+each a function in `_REGISTER`. Nothing is registered at import time.
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ from ml_collections import config_dict
 
 from tagi_jax import vocab as vocab_lib
 from tagi_jax.config import ConfigError, get_key, require_int, require_path
+from tagi_jax.data.qa_benchmarks import register_qa_benchmark
 from tasks import pretrain, sni
 from tasks.p3 import register as p3_register
 from tasks.p3.datasets import MTEST11, P3_EVAL_MIXTURE, P3_TRAIN_MIXTURE
 from tasks.synthetic import register as synthetic_register
 from tasks.synthetic import suite as synthetic_suite
 
-BENCHMARKS = ("synthetic", "sni", "p3")
+BENCHMARKS = ("synthetic", "sni", "p3", "qa", "synthetic_qa")
 PRETRAIN_TASK = "tagi_pretrain"
 
 
@@ -37,6 +39,7 @@ class Benchmark:
     eval_splits: Mapping[str, tuple[str, ...]]  # split label ("unseen", "seen") -> task names
     categories: Mapping[str, str]  # task name -> category (P3: the template's dataset)
     rank_classification: bool = False  # evaluation protocol: rank classification (P3), else generation
+    scoring: str = "sni"  # how generations are scored: the SNI metrics, or "qa" (open-domain QA exact match)
     train_mixture: str | None = None
     train_task_names: tuple[str, ...] = ()
     pretrain_task: str | None = None
@@ -78,7 +81,7 @@ def require_vocabulary(config: config_dict.ConfigDict, key: str, benchmark: str)
     """The vocabulary spec at `key`: 'byte', 'synthetic_spm' (synthetic suite only) or an existing file."""
     spec = get_key(config, key)
     if spec == vocab_lib.TRAINED:
-        if benchmark != "synthetic":
+        if benchmark not in ("synthetic", "synthetic_qa"):
             raise ConfigError(f"config key '{key}': {vocab_lib.TRAINED!r} is trained on the synthetic suite; "
                               f"benchmark {benchmark!r} needs the SentencePiece model of its checkpoint")
     elif spec != vocab_lib.BYTE:
@@ -246,7 +249,13 @@ def _register_p3(data_cfg, spec: str, workdir: str | None, training: bool) -> tu
     return bench, data_cfg.pretrain.source
 
 
-_REGISTER = {"synthetic": _register_synthetic, "sni": _register_sni, "p3": _register_p3}
+def _register_qa(data_cfg, spec: str, workdir: str | None, training: bool) -> tuple[Benchmark, str]:
+    fields, source = register_qa_benchmark(data_cfg, spec, workdir, training)
+    return Benchmark(data_cfg.benchmark, **fields), source
+
+
+_REGISTER = {"synthetic": _register_synthetic, "sni": _register_sni, "p3": _register_p3, "qa": _register_qa,
+             "synthetic_qa": _register_qa}
 
 
 def register_benchmark(data_cfg: config_dict.ConfigDict, workdir: str | None = None, *,

@@ -42,13 +42,16 @@ def _labels(summary: Mapping[str, Mapping[str, Mapping]]) -> list[str]:
 
 
 def _panels(summary) -> list[tuple[str, str]]:
-    """(metric key, axis title) of each panel: accuracy for rank classification (P3), else ROUGE-L and EM."""
+    """(metric key, axis title) of each panel: accuracy for rank classification (P3), EM for open-domain QA,
+    else ROUGE-L and EM."""
     entries = [m for by_label in summary.values() for m in by_label.values()]
     if entries and all("accuracy" in m for m in entries):
         return [("accuracy", "accuracy (rank classification)")]
     if entries and all("rougeL" in m and "exact_match" in m for m in entries):
         return [("rougeL", "ROUGE-L"), ("exact_match", "exact match")]
-    raise PlotError("summary: every entry needs 'rougeL' and 'exact_match' (or 'accuracy' for P3)")
+    if entries and all("em" in m for m in entries):
+        return [("em", "exact match (open-domain QA)")]
+    raise PlotError("summary: every entry needs 'rougeL' and 'exact_match' (or 'accuracy' for P3, 'em' for QA)")
 
 
 def summary_figure(summary: Mapping[str, Mapping[str, Mapping]], title: str = "") -> Figure:

@@ -42,7 +42,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def format_metrics(metrics: Mapping[str, Any], title: str = "", max_tasks: int | None = 40) -> str:
     """A readable console table of `evaluate` or `evaluate_rank_classification` metrics, with timing."""
     out = [title] if title else []
-    if "rougeL" in metrics:
+    if "em" in metrics and "rougeL" not in metrics:  # open-domain QA
+        rows = [("overall", float(metrics["em"]), metrics["num_examples"])]
+        rows += [(name, float(m["em"]), "") for name, m in sorted((metrics.get("per_task") or {}).items())]
+        out.append(_table(("", "EM", "n"), rows))
+    elif "rougeL" in metrics:
         rows = [("overall", float(metrics["rougeL"]), float(metrics["exact_match"]), metrics["num_examples"])]
         out.append(_table(("", "ROUGE-L", "EM", "n"), rows))
         for key, label in (("per_category", "category"), ("per_task", "task")):
@@ -105,6 +109,8 @@ def summary_entry(metrics: Mapping[str, Any]) -> dict:
     and the TAGI paper report)."""
     if "accuracy" in metrics:
         return {"accuracy": float(metrics["accuracy"]), **metrics.get("p3", {})}
+    if "em" in metrics:  # open-domain QA
+        return {"em": float(metrics["em"])}
     return {"rougeL": float(metrics["rougeL"]), "exact_match": float(metrics["exact_match"])}
 
 
@@ -113,6 +119,11 @@ def format_summary(summary: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> st
     labels = sorted({label for m in summary.values() for label in m}, key=lambda x: (x != "unseen", x))
     if any("accuracy" in m for by_label in summary.values() for m in by_label.values()):
         return _format_accuracy_summary(summary, labels)
+    if any("em" in m for by_label in summary.values() for m in by_label.values()):
+        header = f"{'method':<16}" + "".join(f"{label + ' EM':>16}" for label in labels)
+        rows = [f"{method:<16}" + "".join(f"{by_label[label]['em']:>16.1f}" if label in by_label else f"{'-':>16}"
+                                          for label in labels) for method, by_label in summary.items()]
+        return "\n".join([header, "-" * len(header), *rows])
     header = f"{'method':<16}" + "".join(f"{label + ' ROUGE-L':>16}{label + ' EM':>12}" for label in labels)
     lines = [header, "-" * len(header)]
     for method, by_label in summary.items():

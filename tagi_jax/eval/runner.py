@@ -44,7 +44,7 @@ class EvalSettings:
 def _generate(method, model, params, examples, bench: Benchmark, s: EvalSettings, cache):
     return generation.evaluate(method, model, params, examples, bench.vocabulary, lengths=s.lengths,
                                batch_size=s.batch_size, max_decode_len=s.max_decode_len, beam_size=s.beam_size,
-                               categories=bench.categories, cache=cache)
+                               categories=bench.categories, cache=cache, scoring=bench.scoring)
 
 
 def _rank(method, model, params, examples, bench: Benchmark, s: EvalSettings, cache):

@@ -14,6 +14,7 @@ from tagi_jax import partitioning
 from tagi_jax import vocab as vocab_lib
 from tagi_jax.config import ConfigError, require_choice, require_int, require_path
 from tagi_jax.data.benchmarks import BENCHMARKS, require_p3, require_vocabulary
+from tagi_jax.data.qa_benchmarks import QA_BENCHMARKS, check_qa, fid_settings
 from tagi_jax.models import tagi as tagi_lib
 from tagi_jax.models.tagi import FUSIONS
 from tagi_jax.models import quantize
@@ -79,6 +80,21 @@ def default_config() -> config_dict.ConfigDict:
                "train_datasets": T0_TRAIN_DATASETS, "eval_datasets": MTEST11,
                "train_original_task_only": False, "eval_original_task_only": True,
                "max_train_examples_per_task": 0, "mixing_cap": 500_000},
+        # Open-domain QA (IAG; tagi_jax.data.qa_benchmarks). `qa`: QA JSON Lines under `dir` (the layout of
+        # shared/data/qa, tasks/qa.py QA_DATASETS), training rows from `train_file` (default: the dataset's train
+        # split). Passages files: JSON Lines {"question", "passages": [...]}; the FiD reader (the concat stage,
+        # the KL teacher with loss.kl_teacher = "concat") reads each question's first `num_passages` passages,
+        # each encoded alone in `passage_length` tokens; `student_document` "imagined": the student also reads
+        # the first document of `imagined_file`. Caps of 0 mean none.
+        "qa": {"dir": "", "dataset": "nq_open", "train_file": "", "eval_split": "test", "passages_file": "",
+               "num_passages": 0, "passage_length": 0, "imagined_file": "", "student_document": "none",
+               "max_train_examples": 0, "max_eval_examples": 0},
+        # The synthetic closed-book suite (tasks/synthetic_qa.py): entities whose facts the pretraining corpus
+        # states (`corpus_copies` sentence orders of each entity's document); test questions ask held-out facts
+        # (`test_entity_fraction` > 0: every fact of held-out entities, else `test_attributes_per_entity` of each).
+        "synthetic_qa": {"seed": 0, "num_entities": 64, "test_attributes_per_entity": 1,
+                         "test_entity_fraction": 0.0, "imagined_accuracy": 0.75, "corpus_copies": 4,
+                         "vocab_size": 512},
         "pretrain": {"source": "", "seed": 0, "min_words": 16,
                      "lengths": {"inputs": 64, "hyper_inputs": 128, "full_inputs": 192, "targets": 64}},
     })
@@ -134,13 +150,15 @@ def tagi_config(config: config_dict.ConfigDict, num_teachers: int, t5: T5Config 
             t5 = T5Config(**model)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config key 'model': {e}") from None
+    fid_passages, fid_length = fid_settings(config.data)
     try:
         hyper = HyperNetConfig(**config.hypernet.to_dict())
         return tagi_lib.TAGIConfig(
             t5=t5, hypernet=hyper, fusion=config.tagi.fusion, num_teachers=num_teachers,
             teacher_rank=config.tagi.teacher_rank, teacher_alpha=config.tagi.teacher_alpha,
             separate_hyper_encoder=config.tagi.separate_hyper_encoder,
-            instruction_source=config.tagi.instruction_source)
+            instruction_source=config.tagi.instruction_source, fid_passages=fid_passages,
+            fid_passage_length=fid_length)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config key 'hypernet'/'tagi': {e}") from None
 
@@ -221,10 +239,13 @@ def _validate_sizes(config) -> None:
 def _validate_data_paths(config) -> None:
     benchmark = require_choice(config, "data.benchmark", BENCHMARKS)
     vocab_spec = require_vocabulary(config, "data.vocabulary", benchmark)
+    suite_key = "synthetic_qa" if benchmark == "synthetic_qa" else "synthetic"
     if (vocab_spec == vocab_lib.TRAINED and not config.model.checkpoint
-            and config.data.synthetic.vocab_size > config.model.vocab_size):
-        raise ConfigError(f"config key 'data.synthetic.vocab_size' ({config.data.synthetic.vocab_size}) "
+            and config.data[suite_key].vocab_size > config.model.vocab_size):
+        raise ConfigError(f"config key 'data.{suite_key}.vocab_size' ({config.data[suite_key].vocab_size}) "
                           f"exceeds 'model.vocab_size' ({config.model.vocab_size})")
+    if benchmark in QA_BENCHMARKS:
+        check_qa(config, benchmark)
     settings = {"synthetic": SYNTHETIC_SETTINGS, "sni": sni.SETTINGS}.get(benchmark)
     if settings is not None:
         require_choice(config, "data.setting", settings)
@@ -235,7 +256,7 @@ def _validate_data_paths(config) -> None:
     source = config.data.pretrain.source
     if source and not source.startswith("tfds:"):
         require_path(config, "data.pretrain.source", kind="dir")
-    if benchmark != "synthetic" and not source and {"backbone", "pretrain"} & set(config.pipeline.stages):
+    if benchmark not in ("synthetic", "synthetic_qa") and not source and {"backbone", "pretrain"} & set(config.pipeline.stages):
         raise ConfigError("config key 'data.pretrain.source' is empty: name a text directory or 'tfds:c4/en'")
 
 

@@ -13,6 +13,7 @@ from flax import traverse_util
 from tagi_jax.config import ConfigError
 from tagi_jax.models import quantize
 from tagi_jax.models.t5 import is_encoder_fusion_param
+from tagi_jax.run.defaults import lambda_ins
 from tagi_jax.run.workdir import has_checkpoint, stage_dir
 from tagi_jax.trainer import checkpoints
 
@@ -25,6 +26,13 @@ def _require_stage_output(workdir: str, stage: str, needed_by: str) -> None:
             f"'stages.{needed_by}.init_from'")
 
 
+def uses_teacher_table(config) -> bool:
+    """Whether stage 2 reads the stage-0 teacher table: as its KL teacher, or for L_ins. IAG's setting (the
+    KL from the FiD / concat reader, `loss.lambda_ins` 0) does not, so it needs no `teachers` stage (the
+    finetune teacher's table then keeps its fresh values, never read)."""
+    return config.loss.kl_teacher != "concat" or lambda_ins(config) != 0.0
+
+
 def _initial_sources(stage: str, config) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
     """[(source stage, source path prefix, target path prefix)] that seed a stage's parameters."""
     src = config.stages[stage].init_from
@@ -35,7 +43,9 @@ def _initial_sources(stage: str, config) -> list[tuple[str, tuple[str, ...], tup
             out += [(src, ("t5",), ("student", "t5")), (src, ("hypernet",), ("student", "hypernet"))]
             if config.tagi.separate_hyper_encoder:
                 out.append((src, ("hyper_encoder",), ("student", "hyper_encoder")))
-        out += [(kl_src, ("t5",), ("teacher", "t5")), ("teachers", ("teachers",), ("teacher", "teachers"))]
+        out.append((kl_src, ("t5",), ("teacher", "t5")))
+        if uses_teacher_table(config):
+            out.append(("teachers", ("teachers",), ("teacher", "teachers")))
         return out
     if not src:
         return []
