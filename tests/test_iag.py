@@ -153,7 +153,7 @@ def tiny_iag_config(student_document: str = "none"):
     c.model.update(dict(vocab_size=512, d_model=16, d_kv=4, num_heads=2, d_ff=32, num_encoder_layers=1,
                         num_decoder_layers=1, relative_attention_num_buckets=8, relative_attention_max_distance=16))
     c.hypernet.update(dict(rank=2, lora_alpha=4.0, hidden_dim=16, embed_dim=8))
-    c.data.synthetic_qa.update(dict(num_entities=6, vocab_size=512, corpus_copies=1))  # 2 test entities
+    c.data.synthetic_qa.update(dict(num_entities=10, vocab_size=512, corpus_copies=1))  # 2 test entities
     c.data.qa.update(dict(num_passages=2, passage_length=24, student_document=student_document))
     c.data.lengths.update(dict(inputs=32, hyper_inputs=16, full_inputs=48, targets=8))
     for stage in c.pipeline.stages:
