@@ -55,7 +55,7 @@ class TAGIConfig(DictConfig):
             raise ValueError(f"tagi.instruction_source: {self.instruction_source!r} is not one of "
                              f"{INSTRUCTION_SOURCES}")
         if self.fid_passages < 0 or (self.fid_passages > 0) != (self.fid_passage_length >= 2):
-            raise ValueError(f"data.fid: passages ({self.fid_passages}) and passage_length "
+            raise ValueError(f"data.qa: num_passages ({self.fid_passages}) and passage_length "
                              f"({self.fid_passage_length}) must both be set (>= 1 and >= 2) or both be 0")
         if self.num_teachers < 0:
             raise ValueError(f"tagi.num_teachers must be >= 0, got {self.num_teachers}")

@@ -44,7 +44,7 @@ def _backbone_ce(config, model, rows) -> LossFn:
 
 
 def _concat_ce(config, model, rows) -> LossFn:
-    """The `concat` stage: the backbone on `full_inputs` (with `data.fid`, the Fusion-in-Decoder reader)."""
+    """The `concat` stage: the backbone on `full_inputs` (with `data.qa.num_passages`, the Fusion-in-Decoder reader)."""
     def loss_fn(params, batch, rng):
         return _ce(config, tagi_lib.concat_logits(model, params, batch, rng), batch)
     return loss_fn
