@@ -46,14 +46,13 @@ class Settings:
 
 
 def run_config(settings: Settings, imagined: bool):
-    c = iag_config()
+    c = iag_config("imagined" if imagined else "closed_book")
     for stage in c.pipeline.stages:
         train = c.stages[stage].train
         train.steps = max(2, round(train.steps * settings.steps_scale))
         c.stages[stage].optimizer.warmup_steps = min(100, train.steps // 10)
         train.progress_bar = False
     if imagined:
-        c.data.qa.student_document = "imagined"
         c.pipeline.stages, c.pipeline.evaluate = ("finetune",), ("tagi",)
     return c
 

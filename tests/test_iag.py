@@ -235,3 +235,21 @@ def test_iag_nq_config_is_the_papers_setting(size):
     assert c.data.qa.num_passages * c.data.qa.passage_length <= c.data.lengths.full_inputs
     with pytest.raises(ConfigError, match="data.vocabulary"):  # the user's checkpoint and files are required
         run_defaults.validate(c)
+
+
+def test_iag_demo_students_differ_only_in_what_they_read_and_their_budget():
+    """`configs/iag_demo.py:imagined` is the closed-book config with the imagined document and 1,200 student steps
+    (warm-up 100, not 30);
+    the reader's passages fit its encoder input; any other argument is refused naming the choices."""
+    closed = load_config(os.path.join(REPO, "configs", "iag_demo.py"))
+    imagined = load_config(os.path.join(REPO, "configs", "iag_demo.py:imagined"))
+    assert (closed.data.qa.student_document, imagined.data.qa.student_document) == ("none", "imagined")
+    assert (closed.stages.finetune.train.steps, imagined.stages.finetune.train.steps) == (300, 1200)
+    assert (closed.stages.finetune.optimizer.warmup_steps, imagined.stages.finetune.optimizer.warmup_steps) == (30, 100)
+    imagined.data.qa.student_document, imagined.stages.finetune.train.steps = "none", 300
+    imagined.stages.finetune.optimizer.warmup_steps = 30
+    assert imagined.to_dict() == closed.to_dict()
+    assert closed.data.qa.num_passages * closed.data.qa.passage_length <= closed.data.lengths.full_inputs
+    run_defaults.validate(closed)
+    with pytest.raises(ConfigError, match="closed_book, imagined"):
+        load_config(os.path.join(REPO, "configs", "iag_demo.py:retrieved"))
