@@ -8,7 +8,7 @@ def pretrained_backbone_config(hypernet_hidden_dim: int, teachers_per: str) -> c
     """`default_config()` with what the paper configs (configs/sni_t5_lm.py, configs/p3_t0.py) share.
 
     A user-supplied T5-LM-adapt checkpoint and its spiece.model (both left empty: required), bfloat16 compute,
-    dropout 0.1; rank-32 LoRA teachers and hypernetwork; pretrain and finetune train the hypernetwork, the norms
+    dropout 0.1 with the "rbg" step RNG; rank-32 LoRA teachers and hypernetwork; pretrain and finetune train the hypernetwork, the norms
     and the shared embedding of the backbone (the original code's choice); hypernetwork pretraining on C4; λ1 = 5,
     λ2 = sigmoid(L_ins), KD temperature 3 against the LoRA teachers; all six stages, every one but finetune and
     hint (which continue from pretrain) starting from the checkpoint. Benchmark, steps and optimizer are theirs.
@@ -17,6 +17,9 @@ def pretrained_backbone_config(hypernet_hidden_dim: int, teachers_per: str) -> c
     c.model.checkpoint = ""  # required: a local google/t5-<size>-lm-adapt directory (config.json + weights)
     c.model.dtype = "bfloat16"
     c.model.dropout_rate = 0.1
+    # Dropout bits from the accelerator's generator: threefry's bits for attention dropout took 12.4 of T5-Base's
+    # 12.6 GiB of training temporaries per v5e chip (launch/compile.py) and half its compile time.
+    c.prng_impl = "rbg"
     # Each layer's activations are recomputed in the backward pass (launch/compile.py: what fits a slice).
     c.model.remat_policy = "full"
     # Generator heads factorised at rank 64: about 8% of T5-Base's parameters (dense heads would be 60%).

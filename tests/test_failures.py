@@ -184,6 +184,7 @@ BAD_TRAIN_OVERRIDES = [
     (("--config.data.benchmark=qa", "--config.data.vocabulary=byte", "--config.data.qa.dir=/no/such/qa"),
      "'data.qa.dir': path does not exist"),
     ("--config.tagi.train_backbone=ffn", "'tagi.train_backbone' is 'ffn'; choose one of"),
+    ("--config.prng_impl=philox", "config key 'prng_impl' must be one of threefry2x32, rbg, unsafe_rbg, got 'philox'"),
 ]
 
 

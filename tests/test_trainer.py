@@ -198,6 +198,22 @@ def test_mesh_4x2_matches_one_device(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_rbg_step_rng_keeps_the_init_and_changes_only_dropout(tmp_path):
+    """`prng_impl="rbg"`: the same initial parameters as threefry (init always uses threefry), a deterministic
+    run (two runs give the same bytes), and other dropout masks than threefry's, so other trained parameters."""
+    final, first = {}, {}
+    for name, impl in (("threefry", "threefry2x32"), ("rbg", "rbg"), ("rbg_again", "rbg")):
+        config = make_config(steps=2, checkpoint_every=0)
+        config.prng_impl = impl
+        with trainer.Trainer(config, workdir=str(tmp_path / name), init_fn=init_fn, loss_fn=loss_fn,
+                             mesh=single_device_mesh()) as t:
+            first[name] = params_bytes(t.init_params())
+            assert str(jax.random.key_impl(t._step_rng)) == impl
+            final[name] = params_bytes(t.fit(Data()).params)
+    assert first["threefry"] == first["rbg"] == first["rbg_again"]
+    assert final["rbg"] == final["rbg_again"] and final["rbg"] != final["threefry"]
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """An uninterrupted 6-step run (checkpoints at 3 and 6) with an eval hook every 2 steps."""

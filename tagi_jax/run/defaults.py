@@ -43,6 +43,7 @@ def default_config() -> config_dict.ConfigDict:
     base = trainer_config.default_config()
     c = config_dict.ConfigDict()
     c.seed = 0
+    c.prng_impl = base.prng_impl  # the per-step (dropout) RNG: see tagi_jax/trainer/config.py
     c.model = _dataclass_section(T5Config)
     c.model.checkpoint = ""  # a Hugging Face T5 directory to import the backbone from ("" = from scratch)
     # "int8": the backbone matmul kernels a stage freezes are stored as int8 with per-output-channel scales and

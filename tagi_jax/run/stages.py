@@ -140,6 +140,7 @@ def stage_trainer_config(config: config_dict.ConfigDict, stage: str) -> config_d
         optimizer.frozen = tuple(optimizer.frozen) + frozen_patterns(stage, config.tagi.get("train_backbone", "all"))
     return config_dict.ConfigDict({
         "seed": config.seed + STAGES.index(stage),
+        "prng_impl": config.prng_impl,
         "train": copy.deepcopy(section.train),
         "optimizer": optimizer,
         "mesh": copy.deepcopy(config.mesh),

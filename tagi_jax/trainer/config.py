@@ -1,4 +1,5 @@
-"""The trainer's config sections (seed, train, optimizer, mesh, distributed): defaults and load-time checks.
+"""The trainer's config sections (seed, prng_impl, train, optimizer, mesh, distributed): defaults and load-time
+checks.
 
 Every check raises a one-line `ConfigError` naming the key; `section_names` renames sections in the message when
 the trainer's sections live deeper in a run config (`stages.finetune.train.steps` rather than `train.steps`).
@@ -18,6 +19,12 @@ def default_config() -> config_dict.ConfigDict:
     """seed, train, optimizer, mesh and distributed sections with their defaults, one commented field a line."""
     c = config_dict.ConfigDict()
     c.seed = 0  # parameter init and the per-step RNG (fold_in(base, step))
+    # The per-step (dropout) RNG's implementation: "threefry2x32" (jax's default: the same bits on any device
+    # count), "rbg" or "unsafe_rbg" (the accelerator's bit generator). Dropout on T5's attention weights draws
+    # [batch, heads, q, k] bits a layer: with threefry's dozens of elementwise ops over that shape they were most
+    # of T5-Base's training memory on TPU (12.4 of 12.6 GiB/chip, launch/compile.py) and doubled compile time.
+    # Parameter init always uses threefry, so the impl changes no initial value.
+    c.prng_impl = "threefry2x32"
     c.train = config_dict.ConfigDict()
     c.train.steps = 1000  # total optimizer updates; the schedule decays over these
     c.train.batch_size = 32  # GLOBAL batch (all hosts, all microbatches)
@@ -62,7 +69,13 @@ def validate_trainer_config(
         raise ConfigError(rename_sections(str(e), section_names)) from None
 
 
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
 def _validate(config: config_dict.ConfigDict, data_parallel_size: int | None) -> None:
+    impl = get_key(config, "prng_impl", PRNG_IMPLS[0])
+    if impl not in PRNG_IMPLS:
+        raise ConfigError(f"config key 'prng_impl' must be one of {', '.join(PRNG_IMPLS)}, got {impl!r}")
     steps = require_int(config, "train.steps", 1)
     batch_size = require_int(config, "train.batch_size", 1)
     micro = require_int(config, "train.num_microbatches", 1)

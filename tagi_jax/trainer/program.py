@@ -23,6 +23,16 @@ from tagi_jax.trainer.steps import LossFn, eval_step, train_step
 from tagi_jax.trainer.train_state import TrainState, abstract_state, check_float32, state_shardings
 
 
+def seed_keys(config: config_dict.ConfigDict) -> tuple[jax.Array, jax.Array]:
+    """(init key, per-step base key) of the config's seed: threefry's split of key(seed), the step key in the
+    config's `prng_impl` when that is not threefry (so the impl changes no initial parameter)."""
+    init_rng, step_rng = jax.random.split(jax.random.key(int(config.seed)))
+    impl = config.get("prng_impl", "threefry2x32")
+    if impl != "threefry2x32":
+        step_rng = jax.random.key(int(config.seed), impl=impl)
+    return init_rng, step_rng
+
+
 class StepProgram:
     """Everything a stage's steps need that follows from the config, the model's `init_fn` and the mesh.
 
@@ -52,11 +62,13 @@ class StepProgram:
         )
         self.replicated = partitioning.replicated(self.mesh)
         self.init_fn = init_fn
-        rng = jax.eval_shape(lambda: jax.random.key(0))
+        init_rng = jax.eval_shape(lambda: jax.random.key(0))
+        self.abstract_init_rng = jax.ShapeDtypeStruct(init_rng.shape, init_rng.dtype, sharding=self.replicated)
+        rng = jax.eval_shape(lambda: seed_keys(config)[1])
         self.abstract_rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=self.replicated)
 
         self.abstract_params, self.param_mesh_specs = partitioning.abstract_with_shardings(
-            init_fn, self.mesh, self.rules, self.abstract_rng
+            init_fn, self.mesh, self.rules, self.abstract_init_rng
         )
         check_float32(self.abstract_params)
         self.param_shardings = jax.tree.map(lambda x: x.sharding, self.abstract_params)

@@ -24,7 +24,7 @@ from tagi_jax.trainer import guards, optim
 from tagi_jax.trainer.checkpoints import checkpoint_dir
 from tagi_jax.trainer.distributed import make_global_batch, put_replicated
 from tagi_jax.trainer.metric_writers import MetricWriter, ProgressBar, is_writer_process
-from tagi_jax.trainer.program import StepProgram
+from tagi_jax.trainer.program import StepProgram, seed_keys
 from tagi_jax.trainer.steps import LOSS_WEIGHT, Batch, LossFn
 from tagi_jax.trainer.train_state import TrainState
 
@@ -84,7 +84,7 @@ class Trainer:
         self.program = program
         self.mesh, self.rules, self.replicated, self.init_fn = program.mesh, program.rules, program.replicated, init_fn
         train = config.train
-        init_rng, step_rng = jax.random.split(jax.random.key(int(config.seed)))
+        init_rng, step_rng = seed_keys(config)
         self._init_rng = put_replicated(init_rng, self.replicated)  # multi-host: see put_replicated
         self._step_rng = put_replicated(step_rng, self.replicated)
         self.abstract_params, self.param_mesh_specs = program.abstract_params, program.param_mesh_specs
