@@ -122,6 +122,40 @@ def data_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS, *([None] * (ndim - 1))))
 
 
+def sharded_random_bits(rng: jax.Array, shape: Sequence[int], logical_axes: Sequence[str | None]) -> jax.Array:
+    """uint32 random bits of `shape`, for an activation whose axes have `logical_axes`.
+
+    A threefry key (jax's default), or no mesh in context: `jax.random.bits` (partitionable: each device computes
+    its own block, the same bits on any mesh). An "rbg"/"unsafe_rbg" key: XLA's RngBitGenerator is not
+    partitioned, so under jit every device would draw the whole global shape and keep its slice (3 GiB a layer for
+    T5-Base's attention dropout at batch 64); here each shard draws only its block, from
+    `fold_in(rng, shard index)`, inside `shard_map` (so these bits depend on the mesh, as rbg's do anyway)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if str(jax.random.key_impl(rng)) == "threefry2x32" or mesh.empty:
+        return jax.random.bits(rng, tuple(shape))
+    spec = nn.logical_to_mesh_axes(tuple(logical_axes))
+    axes, local_shape = [], []
+    for size, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
+        parts = math.prod(mesh.shape[a] for a in names)
+        if parts > 1 and size % parts == 0:
+            axes.append(names)
+            local_shape.append(size // parts)
+        else:  # an axis the mesh does not split (or cannot split evenly) stays whole on every shard
+            axes.append(())
+            local_shape.append(size)
+    if not any(axes):
+        return jax.random.bits(rng, tuple(shape))
+
+    def local_bits(key):
+        index = 0
+        for name in (a for names in axes for a in names):
+            index = index * mesh.shape[name] + jax.lax.axis_index(name)
+        return jax.random.bits(jax.random.fold_in(key, index), tuple(local_shape))
+    out_spec = PartitionSpec(*(names if len(names) != 1 else names[0] if names else None for names in axes))
+    return jax.shard_map(local_bits, in_specs=PartitionSpec(), out_specs=out_spec, check_vma=False)(rng)
+
+
 def batch_shardings(mesh: Mesh, batch: Any) -> Any:
     """Shardings for a batch pytree: every array split over `data` on its first axis."""
     return jax.tree.map(lambda x: data_sharding(mesh, np.ndim(x)), batch)

@@ -160,3 +160,55 @@ def test_model_info_lists_every_parameter(sharded, tmp_path):
         assert str(tuple(x.shape)) in line[0]
     total = sum(x.size for x in flat.values())
     assert f"Total number of parameters: {total}" in text
+
+
+# ---------------------------------------------------------------------------------------------- dropout bits
+ATTN_SHAPE = (8, 4, 3, 5)  # [b, h, q, k]: batch split 4 ways over data, heads 2 ways over model
+
+
+def _bits_on_mesh(rng, mesh):
+    from tagi_jax.models.layers import ATTENTION_WEIGHT_AXES
+
+    fn = jax.jit(lambda key: partitioning.sharded_random_bits(key, ATTN_SHAPE, ATTENTION_WEIGHT_AXES),
+                 out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "model")))
+    with partitioning.mesh_context(mesh, partitioning.logical_axis_rules()):
+        return np.asarray(fn(rng))
+
+
+def test_rbg_dropout_bits_are_drawn_per_shard():
+    """On the (4, 2) mesh an rbg key's bits are, block by block, `bits(fold_in(key, d * 2 + m), block)` for data
+    shard d and model shard m (written out here with plain jax.random); a threefry key's are jax.random.bits of
+    the whole shape on any mesh (the mesh changes nothing)."""
+    mesh = partitioning.create_mesh(4, 2)
+    key = jax.random.key(3, impl="rbg")
+    got = _bits_on_mesh(key, mesh)
+    expected = np.concatenate([np.concatenate(
+        [np.asarray(jax.random.bits(jax.random.fold_in(key, d * 2 + m), (2, 2, 3, 5))) for m in range(2)], axis=1)
+        for d in range(4)], axis=0)
+    np.testing.assert_array_equal(got, expected)
+    assert len(np.unique(got)) > 0.9 * got.size  # no two shards drew the same block
+    threefry = jax.random.key(3)
+    np.testing.assert_array_equal(_bits_on_mesh(threefry, mesh), np.asarray(jax.random.bits(threefry, ATTN_SHAPE)))
+
+
+def test_dropout_module_is_flax_dropout_with_a_threefry_key():
+    """Same rng path (`Dropout_0`), same mask, same scaling as nn.Dropout, so threefry runs are unchanged."""
+    from tagi_jax.models.layers import ATTENTION_WEIGHT_AXES, Dropout
+
+    class Ours(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Dropout(0.3, ATTENTION_WEIGHT_AXES)(x, deterministic=False)
+
+    class Flax(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dropout(0.3)(x, deterministic=False)
+
+    x = jnp.asarray(np.random.RandomState(0).rand(*ATTN_SHAPE) + 0.5, jnp.float32)
+    rngs = {"dropout": jax.random.key(7)}
+    ours, theirs = Ours().apply({}, x, rngs=rngs), Flax().apply({}, x, rngs=rngs)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    kept = np.asarray(ours) != 0
+    assert 0.55 < kept.mean() < 0.85  # keep probability 0.7
+    np.testing.assert_allclose(np.asarray(ours)[kept], np.asarray(x)[kept] / 0.7, rtol=1e-6)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tagi_jax import partitioning
 from tagi_jax.models import lora, quantize
 from tagi_jax.models.t5_config import T5Config
 
@@ -127,6 +128,30 @@ class Embed(nn.Module):
         return jnp.einsum("...d,vd->...v", query, jnp.asarray(self.embedding, self.config.jnp_dtype))
 
 
+ATTENTION_WEIGHT_AXES = ("batch", "heads", "length", None)  # [b, h, q, k] attention weights
+
+
+class Dropout(nn.Module):
+    """`nn.Dropout` (same name, so the same rng: `Dropout_<i>` under its parent) whose bits come from
+    `partitioning.sharded_random_bits` for an activation with `logical_axes`: with a threefry key exactly
+    `nn.Dropout`'s mask; with an rbg key each shard draws only its block instead of the global shape."""
+
+    rate: float
+    logical_axes: tuple
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        if self.rate == 0.0 or deterministic:
+            return x
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
+        keep_prob = 1.0 - self.rate
+        bits = partitioning.sharded_random_bits(self.make_rng("dropout"), x.shape, self.logical_axes)
+        # jax.random.uniform's float from 32 bits (23 mantissa bits in [1, 2), minus 1): bernoulli(p) = u < p.
+        uniform = jax.lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32) - 1.0
+        return jax.lax.select(uniform < keep_prob, x / keep_prob, jnp.zeros_like(x))
+
+
 class Dense(nn.Module):
     """x·W [+ scale·((x·A)·B)], W: [d_in, features] with logical names `kernel_axes`; a tree holding a
     `kernel_scale` beside the kernel stores W as int8 with per-output-channel scales (`quantize.int8_matmul`)."""
@@ -216,7 +241,7 @@ class MultiHeadAttention(nn.Module):
         if mask is not None:
             logits = jnp.where(mask, logits, _NEG_INF)
         weights = jax.nn.softmax(logits, axis=-1).astype(cfg.jnp_dtype)
-        weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
+        weights = Dropout(cfg.dropout_rate, ATTENTION_WEIGHT_AXES)(weights, deterministic=deterministic)
         return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
     def _attend_parts(self, q, parts, bias, deterministic):
@@ -239,7 +264,7 @@ class MultiHeadAttention(nn.Module):
             logits = logits + jnp.asarray(bias, jnp.float32)
         logits = jnp.where(jnp.concatenate(masks, axis=-1), logits, _NEG_INF)
         weights = jax.nn.softmax(logits, axis=-1).astype(cfg.jnp_dtype)
-        weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
+        weights = Dropout(cfg.dropout_rate, ATTENTION_WEIGHT_AXES)(weights, deterministic=deterministic)
         out, start = None, 0
         for k, v, _ in parts:
             n = k.shape[2]
