@@ -193,3 +193,59 @@ def test_speed_levers_bad_flags_exit_2_with_one_line(flags, message, capsys):
         SL.main(flags)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+# ---------------------------------------------------------------------------------------- the GPU check
+def test_mfu_peak_table_and_report_by_hand():
+    """Peaks from the vendors' data sheets (dense bf16); MFU = FLOPs / step time / peak, written out here."""
+    from bench import mfu
+
+    assert mfu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert mfu.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert mfu.peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
+    assert mfu.peak_tflops("cpu") is None
+    lines = mfu.report("tagi", {"median": 0.5, "min": 0.4, "flops": 2.0e14, "loss0": 3.0}, 800.0)
+    assert lines[0].startswith("step_s tagi = 0.5000")
+    assert lines[1].startswith("tflops_per_s tagi = 400.00")  # 2e14 FLOP / 0.5 s
+    assert lines[2] == "mfu tagi = 0.500"  # 400 / 800
+    assert mfu.report("tagi", {"median": 1.0, "min": 1.0, "flops": 1e12, "loss0": 1.0}, None)[2].startswith(
+        "mfu tagi = n/a")
+
+
+def test_mfu_runs_tiny_on_cpu(capsys):
+    """The script's real path at tiny shapes: both steps compile and run, one line per figure, and the XLA
+    FLOPs of the TAGI step (student + teacher forward, student backward) exceed the full fine-tuning step's."""
+    from bench import mfu
+
+    mfu.main(["--tiny", "--dtype=float32", "--repeats=1", "--peak_tflops=1"])
+    out = capsys.readouterr().out.splitlines()
+    figures = {tuple(line.split(" = ")[0].split()): line.split(" = ")[1] for line in out if " = " in line
+               and line.split()[0] in ("step_s", "tflops_per_s", "mfu")}
+    assert set(figures) == {(k, v) for k in ("step_s", "tflops_per_s", "mfu") for v in ("tagi", "full_finetune")}
+    assert all(float(figures[("step_s", v)].split()[0]) > 0 for v in ("tagi", "full_finetune"))
+    flops = {v: float(figures[("tflops_per_s", v)].split("(")[1].split()[0]) for v in ("tagi", "full_finetune")}
+    assert flops["tagi"] > flops["full_finetune"] > 0, flops
+
+
+@pytest.mark.parametrize("flags, message", [(["--dtype=float16"], "--dtype"), (["--variants=lora"], "--variants")])
+def test_mfu_bad_flags_exit_2_with_one_line(flags, message, capsys):
+    from bench import mfu
+
+    with pytest.raises(SystemExit) as exit_info:
+        mfu.main(flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def test_gpu_check_refuses_without_a_gpu():
+    """Here (no GPU, no install) the script stops at once with one `error:` line and a non-zero status."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, GPU_CHECK_NO_INSTALL="1", GPU_CHECK_PYTHON=sys.executable)
+    out = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    err = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 1 and err == [
+        "error: gpu_check: jax sees no GPU (JAX_PLATFORMS=cuda); install a CUDA jax wheel or run on a GPU machine"]
+    assert "gpu_check: tests" not in out.stdout
