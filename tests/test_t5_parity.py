@@ -219,3 +219,19 @@ def test_dot_product_attention_matches_transformers_and_decodes(v1_1, tmp_path_f
     for t in range(dec_inputs.shape[1]):
         step_logits, cache = step(params, cache, encoded, enc_tokens, dec_inputs[:, t:t + 1])
         np.testing.assert_allclose(np.asarray(step_logits), np.asarray(full[:, t]), atol=TOL, rtol=0)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention runs on a GPU only "
+                    "(bench/gpu_check.sh runs this file with JAX_PLATFORMS=cuda)")
+def test_cudnn_attention_matches_the_einsum_path_in_bfloat16(v1_1):
+    """`attention="cudnn"` (the fused flash kernel, T5's relative bias as its bias): the einsum path's
+    bfloat16 logits to bfloat16's rounding."""
+    config, params = v1_1
+    batch = make_batch(config.vocab_size, **SHAPE, seed=2)
+    args = (batch["encoder_input_tokens"], batch["decoder_input_tokens"], batch["decoder_target_tokens"])
+    fn = functools.partial(_jitted, name="encode_and_logits", method=_encode_and_logits)
+    bf16 = config.replace(dtype="bfloat16")
+    _, ref = fn(bf16)({"params": params}, *args)
+    _, fused = fn(bf16.replace(attention="cudnn"))({"params": params}, *args)
+    ref, fused = np.asarray(ref, np.float32), np.asarray(fused, np.float32)
+    assert np.abs(fused - ref).max() < 0.05 * np.abs(ref).max()
