@@ -21,6 +21,7 @@ from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from tagi_jax import cli  # noqa: E402
+from tagi_jax.run import defaults as run_defaults  # noqa: E402
 from tagi_jax.run import pipeline  # noqa: E402
 from tagi_jax.trainer.distributed import describe_processes, initialize_distributed  # noqa: E402
 
@@ -42,6 +43,7 @@ def work(args: flags.FlagValues) -> None:
     # First of all: jax.distributed must start before anything asks jax about its devices (the log file's
     # name below already does).
     initialize_distributed(config)
+    run_defaults.validate(config)  # a bad config is one error line before anything is written (logs/ included)
     cli.setup_logging(os.path.join(workdir, "logs"), "train", args.verbose)
     logging.info("%s", describe_processes())
     # Persistent XLA cache: a re-run (or the next stage with an identical step) skips compilation.

@@ -188,6 +188,10 @@ BAD_TRAIN_OVERRIDES = [
 ]
 
 
+LOAD_TIME_OVERRIDES = ("--config.prng_impl=philox", "--config.model.attention=flash",
+                       "--config.tagi.train_backbone=ffn", "--config.hypernet.rank=0")
+
+
 @pytest.mark.parametrize("override, message", BAD_TRAIN_OVERRIDES, ids=[str(o) for o, _ in BAD_TRAIN_OVERRIDES])
 def test_train_bad_override(tiny, tmp_path, capsys, override, message):
     workdir = str(tmp_path / "run")
@@ -195,6 +199,8 @@ def test_train_bad_override(tiny, tmp_path, capsys, override, message):
     code, _, err = run_main(TRAIN, [f"--config={tiny}", f"--workdir={workdir}", *overrides], capsys)
     assert_one_error(code, err, message)
     assert not os.path.exists(os.path.join(workdir, "config.json"))  # stopped before any work
+    if override in LOAD_TIME_OVERRIDES:  # caught by the load-time check: nothing at all written, not even logs/
+        assert not os.path.exists(workdir)
 
 
 def test_train_bad_command_lines(tiny, tmp_path, capsys):
