@@ -183,14 +183,16 @@ def test_speed_levers_train_the_same_model():
     assert "speedup full_finetune bfloat16 = 2.00" in SL.report(rows)
 
 
-@pytest.mark.parametrize("flags, message", [(["--levers=fast"], "--levers"),
-                                            (["--levers=bfloat16"], "must include baseline"),
-                                            (["--repeats=x"], "invalid int value")])
-def test_speed_levers_bad_flags_exit_2_with_one_line(flags, message, capsys):
-    from bench import speed_levers as SL
+@pytest.mark.parametrize("script, flags, message", [("speed_levers", ["--levers=fast"], "--levers"),
+                                                    ("speed_levers", ["--levers=bfloat16"], "must include baseline"),
+                                                    ("speed_levers", ["--repeats=x"], "invalid int value"),
+                                                    ("mfu", ["--dtype=float16"], "--dtype"),
+                                                    ("mfu", ["--variants=lora"], "--variants")])
+def test_bench_bad_flags_exit_2_with_one_line(script, flags, message, capsys):
+    import importlib
 
     with pytest.raises(SystemExit) as exit_info:
-        SL.main(flags)
+        importlib.import_module(f"bench.{script}").main(flags)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
 
@@ -225,16 +227,6 @@ def test_mfu_runs_tiny_on_cpu(capsys):
     assert all(float(figures[("step_s", v)].split()[0]) > 0 for v in ("tagi", "full_finetune"))
     flops = {v: float(figures[("tflops_per_s", v)].split("(")[1].split()[0]) for v in ("tagi", "full_finetune")}
     assert flops["tagi"] > flops["full_finetune"] > 0, flops
-
-
-@pytest.mark.parametrize("flags, message", [(["--dtype=float16"], "--dtype"), (["--variants=lora"], "--variants")])
-def test_mfu_bad_flags_exit_2_with_one_line(flags, message, capsys):
-    from bench import mfu
-
-    with pytest.raises(SystemExit) as exit_info:
-        mfu.main(flags)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
 
 
 def test_gpu_check_refuses_without_a_gpu():
