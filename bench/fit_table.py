@@ -11,6 +11,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The slices issue 12 asks each size to fit (v5e, and the v4 alternative).
@@ -19,22 +20,35 @@ MATRIX = [(f"{name}:{size}", slice_) for name in ("sni_t5_lm.py", "p3_t0.py")
           for slice_ in slices]
 
 
+def table_row(config: str, topology: str, line: str) -> str | None:
+    """launch/compile.py's line for one compiled program as a markdown row (None for any other line)."""
+    parts = line.split()
+    if len(parts) >= 12 and parts[-1].endswith("s") and parts[-2].endswith("ms"):
+        stage_name, program = parts[0], " ".join(parts[1:-10])
+        total, hbm, fits, tflop, roofline = parts[-6], parts[-5], parts[-4], parts[-3], parts[-2]
+        return (f"| {config} | {topology} | {stage_name} | {program} | {total} / {hbm} | {fits} | {tflop} | "
+                f"{roofline} |")
+    return None
+
+
 def rows(config: str, topology: str, stage: str) -> tuple[list[str], int]:
+    """Compile one (config, slice); each program's row is printed as soon as it is compiled (minutes apart)."""
     cmd = [sys.executable, os.path.join(REPO, "launch", "compile.py"), f"--config={REPO}/configs/{config}",
            f"--topology={topology}"] + ([f"--stage={stage}"] if stage else [])
-    out = subprocess.run(cmd, capture_output=True, text=True)
     table = []
-    for line in out.stdout.splitlines():
-        parts = line.split()
-        if len(parts) >= 12 and parts[-1].endswith("s") and parts[-2].endswith("ms"):
-            stage_name, program = parts[0], " ".join(parts[1:-10])
-            total, hbm, fits, tflop, roofline = parts[-6], parts[-5], parts[-4], parts[-3], parts[-2]
-            table.append(f"| {config} | {topology} | {stage_name} | {program} | {total} / {hbm} | {fits} | "
-                         f"{tflop} | {roofline} |")
-    if out.returncode not in (0, 1) or not table:
-        err = out.stderr.strip().splitlines()
-        table.append(f"| {config} | {topology} | - | - | - | error: {err[-1] if err else out.returncode} | - | - |")
-    return table, out.returncode
+    with tempfile.TemporaryFile("w+") as stderr:  # a file, not a pipe: a full stderr pipe would stall the child
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True) as proc:
+            for line in proc.stdout:
+                row = table_row(config, topology, line)
+                if row is not None:
+                    table.append(row)
+                    print(row, flush=True)
+        stderr.seek(0)
+        err = stderr.read().strip().splitlines()
+    if proc.returncode not in (0, 1) or not table:
+        table.append(f"| {config} | {topology} | - | - | - | error: {err[-1] if err else proc.returncode} | - | - |")
+        print(table[-1], flush=True)
+    return table, proc.returncode
 
 
 def main() -> int:
@@ -50,8 +64,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     status = 0
     for config, topology in matrix:
-        table, code = rows(config, topology, args.stage)
-        print("\n".join(table), flush=True)
+        _, code = rows(config, topology, args.stage)
         status = max(status, 1 if code else 0)
     return status
 

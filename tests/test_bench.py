@@ -241,3 +241,18 @@ def test_gpu_check_refuses_without_a_gpu():
     assert out.returncode == 1 and err == [
         "error: gpu_check: jax sees no GPU (JAX_PLATFORMS=cuda); install a CUDA jax wheel or run on a GPU machine"]
     assert "gpu_check: tests" not in out.stdout
+
+
+def test_fit_table_row_from_a_compile_line():
+    """bench/fit_table.py turns launch/compile.py's per-program line (compile_plan.format_report) into a row."""
+    from bench import fit_table
+    from tagi_jax.run import compile_plan, topologies
+
+    report = compile_plan.ProgramReport(
+        stage="finetune", program="decode tagi", params=0.5 * topologies.GIB, opt_state=0.0, batch=0.0,
+        arguments=1.0 * topologies.GIB, outputs=0.25 * topologies.GIB, aliased=0.0, temporaries=2.0 * topologies.GIB,
+        code=0.25 * topologies.GIB, flops=3.0e12, bytes_accessed=0.0, compile_seconds=12.0, hbm=16 * topologies.GIB)
+    line = compile_plan.format_report(report, topologies.parse_topology("v5e-8"), 0.9)
+    row = fit_table.table_row("sni_t5_lm.py:base", "v5e-8", line)
+    assert row == "| sni_t5_lm.py:base | v5e-8 | finetune | decode tagi | 3.50 / 16.0 | yes | 3.00 | 15.2ms |", row
+    assert fit_table.table_row("sni_t5_lm.py:base", "v5e-8", "v5e-8: 8 devices, mesh data=-1") is None
