@@ -13,6 +13,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# TensorFlow (the data pipeline only, no model math) prints an INFO line about its oneDNN kernels on CPUs that
+# have them, before any logging is set up: success must leave stderr clean.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import time  # noqa: E402
 

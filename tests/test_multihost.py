@@ -60,7 +60,7 @@ def _free_port() -> int:
 
 def _start(args: list[str], devices: int, log_base: str) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+               TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0", PYTHONUNBUFFERED="1")
     # Output to files, not pipes: a full pipe would stall a process that the others wait for in a collective.
     return subprocess.Popen([sys.executable, TRAIN, *args], cwd=REPO, env=env,
                             stdout=open(f"{log_base}.out", "w"), stderr=open(f"{log_base}.err", "w"))
