@@ -39,7 +39,7 @@ _SIZES = {
     #        microbatches  mesh.model  hypernet hidden
     "base": (8, 1, 512),
     "xl": (32, 1, 1024),
-    "xxl": (64, 8, 1024),
+    "xxl": (32, 8, 1024),  # microbatches of 32: one example per data shard of v5e-256 (32 x model 8)
 }
 _BATCH, _LR, _T0_STEPS, _OWN_STEPS = 1024, 1e-3, 12_200, 2_000
 

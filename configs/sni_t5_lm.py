@@ -17,7 +17,8 @@ _SIZES = {
     #        lr      batch  microbatches  mesh.model  hypernet hidden
     "base": (5e-4, 64, 1, 1, 512),
     "xl": (1e-4, 64, 2, 1, 1024),
-    "xxl": (5e-5, 64, 4, 8, 1024),
+    # XXL: 2 microbatches of 32, one example per data shard of v5e-256 (32 x model 8); 4 of 16 cannot be split.
+    "xxl": (5e-5, 64, 2, 8, 1024),
 }
 _TRAIN_TASKS, _INSTANCES, _EPOCHS = 756, 500, 3
 

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tagi_jax.config import load_config
 from tagi_jax.models import t5 as t5_lib
 from tagi_jax.models.t5_config import t5_v1_1_config, tiny_config as tiny_t5
 from tagi_jax.run import compile_plan, stages, topologies
+from tagi_jax.trainer.config import validate_trainer_config
 from tests.test_pipeline import REPO, tiny_config
 
 COMPILE = os.path.join(REPO, "launch", "compile.py")
@@ -134,3 +136,16 @@ def test_backbone_read_from_a_checkpoint_config_alone(tmp_path):
         hf_cfg["d_model"], hf_cfg["d_ff"], hf_cfg["num_heads"], hf_cfg["num_layers"], hf_cfg["vocab_size"])
     with pytest.raises(FileNotFoundError, match="config.json"):
         compile_plan.read_backbone(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("config_name, topology", [
+    (f"{name}:{size}", slice_) for name in ("sni_t5_lm.py", "p3_t0.py")
+    for size, slices in (("base", ("v5e-8",)), ("xl", ("v5e-32", "v4-16")), ("xxl", ("v5e-256", "v4-128")))
+    for slice_ in slices])
+def test_paper_configs_split_their_microbatches_over_their_slices(config_name, topology):
+    """Every stage's microbatch divides over the data axis (chips / mesh.model) of each slice the config is meant
+    for (README's fit table): XXL's old 4 (SNI) / 64 (P3) microbatches of 16 could not run on v5e-256 at all."""
+    c = load_config(os.path.join(REPO, "configs", config_name))
+    data = topologies.parse_topology(topology).chips // int(c.mesh.model)
+    for stage in c.pipeline.stages:
+        validate_trainer_config(stages.stage_trainer_config(c, stage), data_parallel_size=data)
