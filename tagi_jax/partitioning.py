@@ -152,7 +152,7 @@ def sharded_random_bits(rng: jax.Array, shape: Sequence[int], logical_axes: Sequ
         for name in (a for names in axes for a in names):
             index = index * mesh.shape[name] + jax.lax.axis_index(name)
         return jax.random.bits(jax.random.fold_in(key, index), tuple(local_shape))
-    out_spec = PartitionSpec(*(names if len(names) != 1 else names[0] if names else None for names in axes))
+    out_spec = PartitionSpec(*(names or None for names in axes))  # () = whole on every shard
     return jax.shard_map(local_bits, in_specs=PartitionSpec(), out_specs=out_spec, check_vma=False)(rng)
 
 
